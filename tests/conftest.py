@@ -1,0 +1,56 @@
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from data.synthetic import generate
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def demo_data(tmp_path_factory):
+    """A small synthetic NLVR dataset: 32 train, 10 val, 10 test examples at 32 px."""
+    out = tmp_path_factory.mktemp("demo_data")
+    generate(str(out), seed=0, num_train=16, num_val=5, num_test=5, image_size=32)
+    return out
+
+
+def nlvr_config(directory, data_dir):
+    """A tiny NLVR config over `data_dir`, written to directory/nlvr.yaml."""
+    path = Path(directory) / "nlvr.yaml"
+    path.write_text(f"""
+model:
+  vit: tiny
+  image_size: 32
+  drop_path_rate: 0.1
+  text_encoder: tiny
+  tokenizer: {data_dir}/tokenizer
+data:
+  image_root: {data_dir}
+  train_file: {data_dir}/nlvr_train.json
+  val_file: {data_dir}/nlvr_dev.json
+  test_file: {data_dir}/nlvr_test.json
+  crop_scale: [0.8, 1.0]
+  num_workers: 0
+train:
+  epochs: 3
+  batch_size: 8
+  lr: 1e-3
+  warmup_steps: 2
+  print_freq: 100
+eval:
+  batch_size: 4
+""")
+    return path
+
+
+def run_script(*args, env=None, check=True, timeout=600):
+    """Run `python *args` (or a module) from the repository root; returns the CompletedProcess."""
+    result = subprocess.run([sys.executable, *map(str, args)], cwd=ROOT, capture_output=True, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}, timeout=timeout)
+    if check and result.returncode != 0:
+        raise AssertionError(f"{args} failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}")
+    return result

@@ -1,0 +1,75 @@
+import dataclasses
+
+import pytest
+
+from train_nlvr import NLVRConfig
+from utils import InputError, load_config, save_config
+
+BASE = """
+data:
+  train_file: a.json
+  val_file: b.json
+  test_file: c.json
+"""
+
+
+def write(tmp_path, text):
+    path = tmp_path / "cfg.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_yaml_1_2_scalars_and_defaults(tmp_path):
+    cfg = load_config(write(tmp_path, BASE + "train:\n  lr: 3e-5\n  amp: off\n  epochs: 2\n"), NLVRConfig)
+    assert cfg.train.lr == 3e-5 and isinstance(cfg.train.lr, float)
+    assert cfg.train.amp == "off"  # YAML 1.1 would have made this False
+    assert cfg.train.epochs == 2
+    assert cfg.eval.batch_size == NLVRConfig.__dataclass_fields__["eval"].default_factory().batch_size
+
+
+def test_overrides_are_dotted_and_typed(tmp_path):
+    cfg = load_config(write(tmp_path, BASE), NLVRConfig,
+                      ["train.lr=1e-4", "train.grad_clip=1", "data.crop_scale=[0.9, 1.0]", "train.amp=bf16",
+                       "model.pretrained=null", "model.vit_grad_ckpt=true", "train.global_batch_size=256"])
+    assert cfg.train.lr == 1e-4
+    assert cfg.train.grad_clip == 1.0 and isinstance(cfg.train.grad_clip, float)
+    assert cfg.data.crop_scale == (0.9, 1.0)
+    assert cfg.train.amp == "bf16"
+    assert cfg.model.pretrained is None
+    assert cfg.model.vit_grad_ckpt is True
+    assert cfg.train.global_batch_size == 256
+
+
+@pytest.mark.parametrize("text, overrides, message", [
+    (BASE + "train:\n  lrr: 1e-4\n", [], "unknown key 'train.lrr'; did you mean 'train.lr'?"),
+    (BASE + "trian:\n  lr: 1e-4\n", [], "unknown key 'trian'; did you mean 'train'?"),
+    (BASE, ["train.lrr=1e-4"], "unknown key 'train.lrr'; did you mean 'train.lr'?"),
+    (BASE, ["model.vit.size=base"], "'model.vit' is a value, not a section"),
+    (BASE, ["train.lr"], "expected key=value"),
+    (BASE + "train:\n  epochs: ten\n", [], "train.epochs must be int; got 'ten' (str)"),
+    (BASE + "train:\n  epochs: 2.5\n", [], "train.epochs must be int; got 2.5"),
+    (BASE + "train:\n  epochs: true\n", [], "train.epochs must be int; got True"),
+    (BASE, ["train.amp=fp32"], "train.amp must be one of bf16, fp16, off; got 'fp32'"),
+    (BASE, ["data.crop_scale=[0.5]"], "data.crop_scale must be a list of 2 values"),
+    (BASE, ["data.crop_scale=[0.5, big]"], "data.crop_scale[1] must be float"),
+    (BASE + "train: 3\n", [], "train must be a mapping"),
+    ("data:\n  train_file: a.json\n  val_file: b.json\n", [], "missing key 'data.test_file'"),
+    ("model: {}\n", [], "missing key 'data.train_file'"),
+    ("data: [1, 2\n", [], "is not valid YAML"),
+])
+def test_bad_config_is_named(tmp_path, text, overrides, message):
+    with pytest.raises(InputError) as err:
+        load_config(write(tmp_path, text), NLVRConfig, overrides)
+    assert message in str(err.value)
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(InputError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml", NLVRConfig)
+
+
+def test_saved_config_loads_back_identically(tmp_path):
+    cfg = load_config(write(tmp_path, BASE), NLVRConfig, ["train.lr=2e-5", "data.crop_scale=[0.7, 1.0]"])
+    save_config(cfg, tmp_path / "saved.yaml")
+    again = load_config(tmp_path / "saved.yaml", NLVRConfig)
+    assert dataclasses.asdict(again) == dataclasses.asdict(cfg)

@@ -1,0 +1,204 @@
+"""Fine-tune BLIP on NLVR2: does a sentence hold for a pair of images?
+
+    python -m torch.distributed.run --nproc_per_node=8 train_nlvr.py --config configs/nlvr.yaml --output_dir out
+    python train_nlvr.py --config configs/nlvr.yaml --output_dir out --evaluate --checkpoint model_base_nlvr.pth
+"""
+
+import argparse
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Literal, Optional
+
+import torch
+import torch.nn.functional as F
+
+from data.loader import eval_loader, train_loader
+from data.nlvr import NLVRDataset
+from data.transforms import eval_transform, train_transform
+from models.blip_nlvr import BlipNLVR, load_checkpoint
+from models.tokenizer import init_tokenizer
+from utils import (InputError, MetricLogger, TrainConfig, accumulation_steps, all_reduce_sum, append_log, autocast, barrier,
+                   build_optimizer, build_scheduler, get_rank, grad_scaler, init_distributed, is_main_process,
+                   load_checkpoint_file, load_config, log, restore_training_state, run_main, save_checkpoint,
+                   save_config, seed_everything, train_one_epoch, training_state, truncate_log, unwrap, wrap_ddp)
+
+
+@dataclass
+class ModelConfig:
+    vit: Literal["tiny", "base", "large"] = "base"
+    image_size: int = 384
+    patch_size: int = 16
+    drop_path_rate: float = 0.1
+    vit_grad_ckpt: bool = False
+    vit_ckpt_layer: int = 0                  # with vit_grad_ckpt: checkpoint the last N ViT blocks
+    text_encoder: Literal["tiny", "base"] = "base"
+    tokenizer: str = "bert-base-uncased"     # hub name or local directory with vocab.txt
+    pretrained: Optional[str] = None         # path or URL: BLIP pre-trained or NLVR fine-tuned checkpoint
+
+
+@dataclass
+class DataConfig:
+    train_file: str
+    val_file: str
+    test_file: str
+    image_root: str = "."
+    max_words: int = 40
+    crop_scale: tuple[float, float] = (0.5, 1.0)
+    randaugment: bool = True
+    num_workers: int = 4
+    skip_missing_images: bool = False        # drop examples whose images are missing instead of stopping
+
+
+@dataclass
+class EvalConfig:
+    batch_size: int = 64
+
+
+@dataclass
+class NLVRConfig:
+    data: DataConfig
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+def build_model(cfg, tokenizer):
+    return BlipNLVR(vit=cfg.vit, image_size=cfg.image_size, patch_size=cfg.patch_size,
+                    drop_path_rate=cfg.drop_path_rate, grad_ckpt_layers=cfg.vit_ckpt_layer if cfg.vit_grad_ckpt else 0,
+                    text_size=cfg.text_encoder, vocab_size=len(tokenizer), enc_token_id=tokenizer.enc_token_id)
+
+
+def build_datasets(cfg):
+    d = cfg.data
+    train = train_transform(cfg.model.image_size, d.crop_scale, d.randaugment)
+    test = eval_transform(cfg.model.image_size)
+    return {split: NLVRDataset(path, d.image_root, train if split == "train" else test, d.max_words,
+                               train=split == "train", skip_missing_images=d.skip_missing_images)
+            for split, path in (("train", d.train_file), ("val", d.val_file), ("test", d.test_file))}
+
+
+def logits_and_labels(model, batch, tokenizer, device):
+    image0, image1, sentences, labels = batch
+    max_len = unwrap(model).text_encoder.config.max_position_embeddings
+    text = tokenizer(list(sentences), padding="longest", truncation=True, max_length=max_len, return_tensors="pt")
+    logits = model(image0.to(device, non_blocking=True), image1.to(device, non_blocking=True),
+                   text.input_ids.to(device), text.attention_mask.to(device))
+    return logits, labels.to(device)
+
+
+def nlvr_loss(model, batch, tokenizer, device):
+    logits, labels = logits_and_labels(model, batch, tokenizer, device)
+    return {"loss": F.cross_entropy(logits.float(), labels)}
+
+
+@torch.no_grad()
+def evaluate(model, loader, tokenizer, device, amp, header):
+    """Accuracy over the whole split: each rank scores its shard, the counts are summed."""
+    model.eval()
+    counts = torch.zeros(2, dtype=torch.float64, device=device)
+    for batch in MetricLogger().log_every(loader, 50, header):
+        with autocast(device, amp):
+            logits, labels = logits_and_labels(model, batch, tokenizer, device)
+        counts += torch.stack([(logits.argmax(1) == labels).sum(), torch.tensor(len(labels), device=device)])
+    correct, total = all_reduce_sum(counts).tolist()
+    return correct / total
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True)
+    parser.add_argument("--output_dir", required=True)
+    parser.add_argument("--evaluate", action="store_true", help="evaluate val and test only")
+    parser.add_argument("--checkpoint", help="with --evaluate: the weights to evaluate (default: "
+                                             "output_dir/checkpoint_best.pth, else model.pretrained)")
+    parser.add_argument("--resume", action="store_true", help="continue from output_dir/checkpoint_last.pth")
+    parser.add_argument("--device", choices=["cuda", "cpu"], help="default: cuda when available")
+    parser.add_argument("--seed", type=int, help="overrides train.seed")
+    parser.add_argument("--options", nargs="+", default=[], metavar="KEY=VALUE",
+                        help="config overrides, e.g. train.lr=1e-5 data.num_workers=8")
+    return parser.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    cfg = load_config(args.config, NLVRConfig, args.options)
+    if args.seed is not None:
+        cfg.train.seed = args.seed
+    device = init_distributed(args.device)
+    seed_everything(cfg.train.seed + get_rank())
+    os.makedirs(args.output_dir, exist_ok=True)
+    if is_main_process():
+        save_config(cfg, os.path.join(args.output_dir, "config.yaml"))
+
+    tokenizer = init_tokenizer(cfg.model.tokenizer)
+    model = build_model(cfg.model, tokenizer).to(device)
+    log(f"BlipNLVR: {sum(p.numel() for p in model.parameters()) / 1e6:.1f} M parameters")
+    datasets = build_datasets(cfg)
+    pin = device.type == "cuda"
+    loaders = {split: eval_loader(ds, cfg.eval.batch_size, cfg.data.num_workers, pin)
+               for split, ds in datasets.items() if split != "train"}
+    evaluate_split = partial(evaluate, tokenizer=tokenizer, device=device, amp=cfg.train.amp)
+
+    if args.evaluate:
+        best = os.path.join(args.output_dir, "checkpoint_best.pth")
+        weights = args.checkpoint or (best if os.path.exists(best) else cfg.model.pretrained)
+        if weights is None:
+            raise InputError("--evaluate needs weights: pass --checkpoint or set model.pretrained")
+        load_checkpoint(model, weights)
+        stats = {f"{split}_acc": evaluate_split(model, loader, header=split) for split, loader in loaders.items()}
+        log(json.dumps(stats))
+        if is_main_process():
+            with open(os.path.join(args.output_dir, "evaluate.txt"), "w") as f:
+                f.write(json.dumps(stats) + "\n")
+        return
+
+    loader = train_loader(datasets["train"], cfg.train.batch_size, cfg.data.num_workers, cfg.train.seed, pin)
+    accum = accumulation_steps(cfg.train)
+    optimizer = build_optimizer(model, cfg.train)
+    scheduler = build_scheduler(optimizer, cfg.train, steps_per_epoch=len(loader) // accum)
+    scaler = grad_scaler(device, cfg.train.amp)
+    start_epoch, best_acc = 0, -math.inf
+    last_path, best_path = (os.path.join(args.output_dir, f"checkpoint_{n}.pth") for n in ("last", "best"))
+    if args.resume:
+        start_epoch, best_acc = restore_training_state(load_checkpoint_file(last_path), model, optimizer, scheduler,
+                                                       scaler)
+        log(f"resumed from {last_path} at epoch {start_epoch}")
+        if is_main_process():
+            truncate_log(args.output_dir, start_epoch - 1)
+    elif cfg.model.pretrained:
+        load_checkpoint(model, cfg.model.pretrained)
+    ddp_model = wrap_ddp(model, device)
+    loss_fn = partial(nlvr_loss, tokenizer=tokenizer, device=device)
+
+    for epoch in range(start_epoch, cfg.train.epochs):
+        loader.sampler.set_epoch(epoch)
+        try:
+            train_stats = train_one_epoch(ddp_model, loader, loss_fn, optimizer, scheduler, scaler, epoch, cfg.train,
+                                          device, accum)
+        except FloatingPointError as e:
+            kept = f"{last_path} (epoch {epoch - 1}) is left as it was" if epoch else "no checkpoint was written"
+            raise FloatingPointError(f"{e}. Training stopped; {kept}. Lower train.lr, set train.grad_clip, or use "
+                                     "train.amp: bf16 in place of fp16") from None
+        val_acc = evaluate_split(model, loaders["val"], header=f"Val epoch {epoch}")
+        test_acc = evaluate_split(model, loaders["test"], header=f"Test epoch {epoch}")
+        stats = {"epoch": epoch, **{f"train_{k}": v for k, v in train_stats.items()}, "val_acc": val_acc,
+                 "test_acc": test_acc}
+        improved = val_acc > best_acc
+        best_acc = max(best_acc, val_acc)
+        state = training_state(model, optimizer, scheduler, scaler, epoch, best_acc, cfg)
+        if is_main_process():
+            if improved:
+                save_checkpoint({"model": state["model"], "epoch": epoch, "val_acc": val_acc,
+                                 "config": state["config"]}, best_path)
+            save_checkpoint(state, last_path)
+            append_log(args.output_dir, stats)
+        log(json.dumps(stats))
+        barrier()
+    log(f"best val_acc {best_acc:.4f}")
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -1,0 +1,543 @@
+"""Pieces every entry script shares: distributed setup, config, logging, LR schedule, checkpoints, the train loop.
+
+Small functions, no framework: each script calls them from its own visible `main`.
+"""
+
+import builtins
+import dataclasses
+import datetime
+import difflib
+import json
+import math
+import os
+import random
+import resource
+import sys
+import time
+import types
+import typing
+from collections import defaultdict, deque
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from ruamel.yaml import YAML
+from ruamel.yaml.error import YAMLError
+from torch.nn.parallel import DistributedDataParallel
+
+
+class InputError(Exception):
+    """Bad input from the user (config, data, checkpoint); scripts print it without a traceback."""
+
+
+# --------------------------------------------------------------------------------------------------- distributed
+
+def init_distributed(device_name=None):
+    """Join the process group that the launcher describes and return this process's device.
+
+    Launchers: `torch.distributed.run` (RANK, WORLD_SIZE, LOCAL_RANK), SLURM `srun` (SLURM_PROCID, SLURM_NTASKS,
+    SLURM_LOCALID, with MASTER_ADDR/MASTER_PORT exported), or none (plain `python script.py`). A world of one
+    process creates no process group: every collective below is guarded for that case.
+    """
+    env = os.environ
+    if "RANK" in env and "WORLD_SIZE" in env:
+        rank, world_size, local_rank = int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0))
+    elif "SLURM_PROCID" in env and int(env.get("SLURM_NTASKS", 1)) > 1:
+        rank, world_size, local_rank = int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), int(env["SLURM_LOCALID"])
+        missing = [name for name in ("MASTER_ADDR", "MASTER_PORT") if name not in env]
+        if missing:
+            raise InputError(f"SLURM launch without {' and '.join(missing)}: export MASTER_ADDR=$(scontrol show "
+                             "hostnames $SLURM_JOB_NODELIST | head -n 1) and MASTER_PORT=29500 before srun")
+    else:
+        rank, world_size, local_rank = 0, 1, 0
+
+    device_name = device_name or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device_name == "cuda":
+        if not torch.cuda.is_available():
+            raise InputError("--device cuda was asked for, but PyTorch sees no GPU; use --device cpu")
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device(device_name)
+    if world_size > 1:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", init_method="env://",
+                                rank=rank, world_size=world_size)
+    return device
+
+
+def get_rank():
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def get_world_size():
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def is_main_process():
+    return get_rank() == 0
+
+
+def barrier():
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def all_reduce_sum(tensor):
+    """Sum of `tensor` over all ranks (in place; a no-op for one process)."""
+    if dist.is_initialized():
+        dist.all_reduce(tensor)
+    return tensor
+
+
+def all_gather_object(obj):
+    """[obj of rank 0, obj of rank 1, ...]."""
+    if not dist.is_initialized():
+        return [obj]
+    gathered = [None] * get_world_size()
+    dist.all_gather_object(gathered, obj)
+    return gathered
+
+
+def broadcast_from_main(compute):
+    """Run `compute()` on rank 0 only and give its result to every rank."""
+    result = [compute() if is_main_process() else None]
+    if dist.is_initialized():
+        dist.broadcast_object_list(result, src=0)
+    return result[0]
+
+
+def wrap_ddp(model, device):
+    if get_world_size() == 1:
+        return model
+    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def unwrap(model):
+    return model.module if isinstance(model, DistributedDataParallel) else model
+
+
+def log(*args):
+    """print() on rank 0 only."""
+    if is_main_process():
+        builtins.print(*args, flush=True)
+
+
+def cleanup_distributed():
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+# -------------------------------------------------------------------------------------------------------- config
+
+@dataclass
+class TrainConfig:
+    """Optimisation settings shared by every trainer (`train:` in the YAML)."""
+    epochs: int = 10
+    batch_size: int = 16                      # per process
+    global_batch_size: typing.Optional[int] = None  # reached by gradient accumulation; null: batch_size x processes
+    lr: float = 1e-4
+    min_lr: float = 0.0
+    warmup_steps: int = 0
+    warmup_lr: float = 0.0
+    lr_schedule: typing.Literal["cosine_epoch", "cosine"] = "cosine"
+    weight_decay: float = 0.05
+    no_decay_bias_norm: bool = False          # exclude biases and norm weights from weight decay
+    grad_clip: typing.Optional[float] = None  # max global grad norm
+    amp: typing.Literal["bf16", "fp16", "off"] = "off"
+    seed: int = 42
+    print_freq: int = 50
+
+
+def load_config(path, schema, overrides=()):
+    """Read the YAML file `path` (YAML 1.2: `3e-5` is a float) into the dataclass `schema`, then apply
+    `key=value` overrides (dotted keys, values parsed as YAML). Unknown keys and wrong types raise InputError."""
+    try:
+        with open(path) as f:
+            raw = YAML(typ="safe").load(f)
+    except FileNotFoundError:
+        raise InputError(f"config file {path} does not exist") from None
+    except YAMLError as e:
+        raise InputError(f"{path} is not valid YAML: {e}") from None
+    cfg = _to_dataclass(schema, raw or {}, path, "")
+    for item in overrides:
+        _apply_override(cfg, item)
+    return cfg
+
+
+def _to_dataclass(schema, raw, source, prefix):
+    if not isinstance(raw, dict):
+        raise InputError(f"{source}: {prefix.rstrip('.') or 'the file'} must be a mapping of keys to values")
+    hints = typing.get_type_hints(schema)
+    fields = {f.name: f for f in dataclasses.fields(schema)}
+    for key in raw:
+        if key not in fields:
+            raise InputError(f"{source}: unknown key '{prefix}{key}'{_suggest(key, fields, prefix)}")
+    values = {}
+    for name, field in fields.items():
+        if name in raw:
+            values[name] = _check_type(raw[name], hints[name], source, prefix + name)
+        elif field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING:
+            if dataclasses.is_dataclass(hints[name]):
+                values[name] = _to_dataclass(hints[name], {}, source, f"{prefix}{name}.")
+            else:
+                raise InputError(f"{source}: missing key '{prefix}{name}'")
+    return schema(**values)
+
+
+def _suggest(key, candidates, prefix=""):
+    close = difflib.get_close_matches(str(key), list(candidates), n=1, cutoff=0.5)
+    return f"; did you mean '{prefix}{close[0]}'?" if close else f"; valid keys: {', '.join(candidates)}"
+
+
+def _check_type(value, hint, source, key):
+    """`value` converted to `hint` (int accepted for float), or InputError naming the key."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if dataclasses.is_dataclass(hint):
+        return _to_dataclass(hint, value, source, key + ".")
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        hint = next(a for a in args if a is not type(None))
+        return _check_type(value, hint, source, key)
+    if origin is typing.Literal:
+        if value not in args:
+            raise InputError(f"{source}: {key} must be one of {', '.join(map(str, args))}; got {value!r}")
+        return value
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise InputError(f"{source}: {key} must be a list; got {value!r}")
+        if origin is tuple and args and args[-1] is not Ellipsis and len(value) != len(args):
+            raise InputError(f"{source}: {key} must be a list of {len(args)} values; got {value!r}")
+        item = args[0] if args else typing.Any
+        return origin(_check_type(v, item, source, f"{key}[{i}]") for i, v in enumerate(value))
+    if hint is typing.Any:
+        return value
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if not isinstance(value, hint) or (hint is int and isinstance(value, bool)):
+        raise InputError(f"{source}: {key} must be {hint.__name__}; got {value!r} ({type(value).__name__})")
+    return value
+
+
+def _apply_override(cfg, item):
+    if "=" not in item:
+        raise InputError(f"--options {item}: expected key=value, e.g. train.lr=1e-4")
+    key, text = item.split("=", 1)
+    where, parts, node = f"--options {item}", key.split("."), cfg
+    for i, part in enumerate(parts):
+        fields = [f.name for f in dataclasses.fields(node)]
+        prefix = "".join(p + "." for p in parts[:i])
+        if part not in fields:
+            raise InputError(f"{where}: unknown key '{prefix}{part}'{_suggest(part, fields, prefix)}")
+        if i < len(parts) - 1:
+            node = getattr(node, part)
+            if not dataclasses.is_dataclass(node):
+                raise InputError(f"{where}: '{prefix}{part}' is a value, not a section")
+    value = YAML(typ="safe").load(text) if text.strip() else ""
+    setattr(node, parts[-1], _check_type(value, typing.get_type_hints(type(node))[parts[-1]], where, key))
+
+
+def save_config(cfg, path):
+    yaml = YAML(typ="safe")
+    yaml.default_flow_style = False
+    with open(path, "w") as f:
+        yaml.dump(_plain(dataclasses.asdict(cfg)), f)
+
+
+def _plain(obj):
+    if isinstance(obj, dict):
+        return {k: _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    return obj
+
+
+# ------------------------------------------------------------------------------------------------------- logging
+
+class SmoothedValue:
+    """A series of values: median and mean over a recent window, and the average over everything."""
+
+    def __init__(self, window=20, fmt="{median:.4f} ({global_avg:.4f})"):
+        self.values = deque(maxlen=window)
+        self.total, self.count, self.fmt = 0.0, 0, fmt
+
+    def update(self, value, n=1):
+        self.values.append(value)
+        self.total += value * n
+        self.count += n
+
+    @property
+    def median(self):
+        return float(np.median(self.values))
+
+    @property
+    def avg(self):
+        return float(np.mean(self.values))
+
+    @property
+    def global_avg(self):
+        return self.total / max(self.count, 1)
+
+    @property
+    def value(self):
+        return self.values[-1]
+
+    def __str__(self):
+        return self.fmt.format(median=self.median, avg=self.avg, global_avg=self.global_avg, value=self.value)
+
+
+class MetricLogger:
+    """Named SmoothedValues and a progress line every `print_freq` iterations (rank 0)."""
+
+    def __init__(self):
+        self.meters = defaultdict(SmoothedValue)
+
+    def add_meter(self, name, meter):
+        self.meters[name] = meter
+
+    def update(self, **values):
+        for name, value in values.items():
+            self.meters[name].update(float(value))
+
+    def log_every(self, iterable, print_freq, header, samples_per_iter=None, total=None):
+        total = len(iterable) if total is None else total
+        iter_time, data_time = SmoothedValue(fmt="{avg:.3f}"), SmoothedValue(fmt="{avg:.3f}")
+        start = end = time.time()
+        for i, item in enumerate(iterable):
+            data_time.update(time.time() - end)
+            yield item
+            iter_time.update(time.time() - end)
+            end = time.time()
+            if i % print_freq == 0 or i == total - 1:
+                eta = datetime.timedelta(seconds=int(iter_time.avg * (total - i - 1)))
+                parts = [f"{header} [{i + 1}/{total}]", f"eta: {eta}"]
+                parts += [f"{name}: {meter}" for name, meter in self.meters.items()]
+                if samples_per_iter:
+                    parts.append(f"samples/s: {samples_per_iter / max(iter_time.avg, 1e-9):.1f}")
+                parts += [f"time: {iter_time}", f"data: {data_time}", f"max mem: {max_memory_mb():.0f} MB"]
+                log("  ".join(parts))
+            if i == total - 1:
+                break
+        elapsed = datetime.timedelta(seconds=int(time.time() - start))
+        log(f"{header} total time: {elapsed} ({(time.time() - start) / max(total, 1):.3f} s / it)")
+
+    def global_averages(self):
+        return {name: meter.global_avg for name, meter in self.meters.items()}
+
+
+def max_memory_mb():
+    """Peak GPU memory allocated by PyTorch, or the peak resident memory of this process on CPU."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def append_log(output_dir, stats):
+    """One JSON object per epoch in output_dir/log.txt."""
+    with open(os.path.join(output_dir, "log.txt"), "a") as f:
+        f.write(json.dumps(stats) + "\n")
+
+
+def truncate_log(output_dir, last_epoch):
+    """Drop log.txt lines after `last_epoch` (they belong to a run that died before saving its checkpoint)."""
+    path = os.path.join(output_dir, "log.txt")
+    if os.path.exists(path):
+        with open(path) as f:
+            lines = [line for line in f if line.strip() and json.loads(line)["epoch"] <= last_epoch]
+        with open(path, "w") as f:
+            f.writelines(lines)
+
+
+# --------------------------------------------------------------------------------------------- optimiser & LR
+
+def build_optimizer(model, cfg):
+    """AdamW over the trainable parameters; biases and norm weights (1-D tensors) undecayed if asked."""
+    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if cfg.no_decay_bias_norm:
+        groups = [{"params": [p for _, p in params if p.ndim >= 2]},
+                  {"params": [p for _, p in params if p.ndim < 2], "weight_decay": 0.0}]
+    else:
+        groups = [{"params": [p for _, p in params]}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def lr_at_step(step, steps_per_epoch, cfg):
+    """Learning rate for optimiser step `step` (0-based).
+
+    `cosine`: linear warmup from warmup_lr over warmup_steps, then cosine from lr to min_lr over the other steps.
+    `cosine_epoch` (BLIP, LAVIS): constant within an epoch, lr(e) = min + (lr - min) * (1 + cos(pi e / epochs)) / 2;
+    warmup (LAVIS) only within epoch 0.
+    """
+    if cfg.lr_schedule == "cosine_epoch":
+        epoch = step // steps_per_epoch
+        if epoch == 0 and step < cfg.warmup_steps:
+            return min(cfg.lr, cfg.warmup_lr + (cfg.lr - cfg.warmup_lr) * step / cfg.warmup_steps)
+        progress = epoch / cfg.epochs
+    else:
+        if step < cfg.warmup_steps:
+            return cfg.warmup_lr + (cfg.lr - cfg.warmup_lr) * step / cfg.warmup_steps
+        decay_steps = max(1, cfg.epochs * steps_per_epoch - cfg.warmup_steps)
+        progress = min(1.0, (step - cfg.warmup_steps) / decay_steps)
+    return cfg.min_lr + (cfg.lr - cfg.min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def build_scheduler(optimizer, cfg, steps_per_epoch):
+    """A LambdaLR stepped once per optimiser step; its state is the step count."""
+    if cfg.lr <= 0:
+        raise InputError(f"train.lr must be positive; got {cfg.lr}")
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_at_step(step, steps_per_epoch, cfg) / cfg.lr)
+
+
+def accumulation_steps(cfg):
+    """Micro-batches per optimiser step so that batch_size x processes x steps == global_batch_size."""
+    per_step = cfg.batch_size * get_world_size()
+    if cfg.global_batch_size is None:
+        return 1
+    if cfg.global_batch_size % per_step:
+        raise InputError(f"train.global_batch_size={cfg.global_batch_size} is not a multiple of train.batch_size "
+                         f"x processes = {cfg.batch_size} x {get_world_size()}; change one of them")
+    return cfg.global_batch_size // per_step
+
+
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}
+
+
+def autocast(device, amp):
+    dtype = AMP_DTYPES[amp]
+    return torch.autocast(device.type, dtype=dtype) if dtype else nullcontext()
+
+
+def grad_scaler(device, amp):
+    """fp16 needs loss scaling; bf16 and fp32 do not (the scaler is then a pass-through)."""
+    return torch.amp.GradScaler(device.type, enabled=amp == "fp16")
+
+
+# ---------------------------------------------------------------------------------------------------- train loop
+
+def train_one_epoch(model, loader, loss_fn, optimizer, scheduler, scaler, epoch, cfg, device, accum_steps=1):
+    """One epoch. `loss_fn(model, batch)` returns a dict of scalar losses; its "loss" is minimised, all are logged
+    (averaged over ranks). A non-finite loss raises FloatingPointError before any optimiser step uses it."""
+    model.train()
+    logger = MetricLogger()
+    logger.add_meter("lr", SmoothedValue(window=1, fmt="{value:.3e}"))
+    num_iters = len(loader) // accum_steps * accum_steps  # a trailing partial accumulation group is dropped
+    samples_per_iter = cfg.batch_size * get_world_size()
+    optimizer.zero_grad(set_to_none=True)
+    for i, batch in enumerate(logger.log_every(loader, cfg.print_freq, f"Train epoch {epoch}", samples_per_iter,
+                                               total=num_iters)):
+        is_step = (i + 1) % accum_steps == 0
+        sync = nullcontext() if is_step or not hasattr(model, "no_sync") else model.no_sync()
+        with sync:
+            with autocast(device, cfg.amp):
+                losses = loss_fn(model, batch)
+            scaler.scale(losses["loss"] / accum_steps).backward()
+        values = all_reduce_sum(torch.stack([v.detach().float() for v in losses.values()])) / get_world_size()
+        if not torch.isfinite(values).all():
+            raise FloatingPointError(f"non-finite loss at epoch {epoch}, iteration {i}: "
+                                     + ", ".join(f"{k}={v:.4g}" for k, v in zip(losses, values.tolist())))
+        logger.update(**dict(zip(losses, values.tolist())))
+        if is_step:
+            if cfg.grad_clip is not None:
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            logger.update(lr=optimizer.param_groups[0]["lr"])
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            scheduler.step()
+    return logger.global_averages()
+
+
+# ------------------------------------------------------------------------------------------- seeds & checkpoints
+
+def seed_everything(seed):
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def get_rng_state():
+    """This process's RNG states as plain types and tensors (loadable with weights_only=True)."""
+    np_state = np.random.get_state(legacy=False)
+    state = {"python": random.getstate(), "torch": torch.get_rng_state(),
+             "numpy": {"key": torch.from_numpy(np_state["state"]["key"].astype(np.int64)),
+                       "pos": np_state["state"]["pos"], "has_gauss": np_state["has_gauss"],
+                       "gauss": np_state["gauss"]}}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state):
+    random.setstate(state["python"])
+    torch.set_rng_state(state["torch"])
+    np_state = state["numpy"]
+    np.random.set_state({"bit_generator": "MT19937",
+                         "state": {"key": np_state["key"].numpy().astype(np.uint32), "pos": np_state["pos"]},
+                         "has_gauss": np_state["has_gauss"], "gauss": np_state["gauss"]})
+    if "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def save_checkpoint(state, path):
+    """torch.save to a temporary file, fsync, then rename: a crash never leaves a half-written checkpoint."""
+    tmp = f"{path}.tmp"
+    with open(tmp, "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def load_checkpoint_file(url_or_path):
+    """A checkpoint dict from a local path or a URL (downloaded once into torch.hub's cache), tensors on CPU."""
+    if url_or_path.startswith(("http://", "https://", "file://")):
+        try:
+            return torch.hub.load_state_dict_from_url(url_or_path, map_location="cpu", weights_only=True,
+                                                      check_hash=False)
+        except OSError as e:
+            raise InputError(f"cannot download checkpoint {url_or_path}: {e}. Download it elsewhere and set the "
+                             "config to the local file's path") from None
+    if not os.path.isfile(url_or_path):
+        raise InputError(f"checkpoint {url_or_path} does not exist (a local file path or an http(s) URL is "
+                         "expected)")
+    return torch.load(url_or_path, map_location="cpu", weights_only=True)
+
+
+def training_state(model, optimizer, scheduler, scaler, epoch, best_metric, cfg):
+    """Everything `--resume` needs to continue exactly: call on every rank (it gathers their RNG states)."""
+    return {"model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "epoch": epoch,
+            "step": scheduler.last_epoch, "best_metric": best_metric, "rng": all_gather_object(get_rng_state()),
+            "config": _plain(dataclasses.asdict(cfg))}
+
+
+def restore_training_state(ckpt, model, optimizer, scheduler, scaler):
+    """Load a `training_state` dict; returns (first epoch to run, best metric so far)."""
+    unwrap(model).load_state_dict(ckpt["model"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    scheduler.load_state_dict(ckpt["scheduler"])
+    scaler.load_state_dict(ckpt["scaler"])
+    if len(ckpt["rng"]) == get_world_size():
+        set_rng_state(ckpt["rng"][get_rank()])
+    else:
+        log(f"warning: the checkpoint was written by {len(ckpt['rng'])} processes, this run has "
+            f"{get_world_size()}; RNG streams are reseeded, so the data order will differ from an unbroken run")
+        seed_everything(ckpt["config"]["train"]["seed"] + get_rank() + ckpt["epoch"] + 1)
+    return ckpt["epoch"] + 1, ckpt["best_metric"]
+
+
+def run_main(main):
+    """Call `main()`; bad input (exit status 2) and a diverged loss (status 1) end with a message, no traceback."""
+    try:
+        main()
+    except InputError as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.exit(2)
+    except FloatingPointError as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.exit(1)
+    finally:
+        cleanup_distributed()
