@@ -96,7 +96,7 @@ def nlvr_loss(model, batch, tokenizer, device):
 
 @torch.no_grad()
 def evaluate(model, loader, tokenizer, device, amp, header):
-    """Accuracy over the whole split: each rank scores its shard, the counts are summed."""
+    """{"acc", "n"} over the whole split: each rank scores its shard, the counts are summed."""
     model.eval()
     counts = torch.zeros(2, dtype=torch.float64, device=device)
     for batch in MetricLogger().log_every(loader, 50, header):
@@ -104,7 +104,7 @@ def evaluate(model, loader, tokenizer, device, amp, header):
             logits, labels = logits_and_labels(model, batch, tokenizer, device)
         counts += torch.stack([(logits.argmax(1) == labels).sum(), torch.tensor(len(labels), device=device)])
     correct, total = all_reduce_sum(counts).tolist()
-    return correct / total
+    return {"acc": correct / total, "n": int(total)}
 
 
 def parse_args(argv=None):
@@ -148,7 +148,8 @@ def main(argv=None):
         if weights is None:
             raise InputError("--evaluate needs weights: pass --checkpoint or set model.pretrained")
         load_checkpoint(model, weights)
-        stats = {f"{split}_acc": evaluate_split(model, loader, header=split) for split, loader in loaders.items()}
+        stats = {f"{split}_{k}": v for split, loader in loaders.items()
+                 for k, v in evaluate_split(model, loader, header=split).items()}
         log(json.dumps(stats))
         if is_main_process():
             with open(os.path.join(args.output_dir, "evaluate.txt"), "w") as f:
@@ -182,8 +183,8 @@ def main(argv=None):
             kept = f"{last_path} (epoch {epoch - 1}) is left as it was" if epoch else "no checkpoint was written"
             raise FloatingPointError(f"{e}. Training stopped; {kept}. Lower train.lr, set train.grad_clip, or use "
                                      "train.amp: bf16 in place of fp16") from None
-        val_acc = evaluate_split(model, loaders["val"], header=f"Val epoch {epoch}")
-        test_acc = evaluate_split(model, loaders["test"], header=f"Test epoch {epoch}")
+        val_acc = evaluate_split(model, loaders["val"], header=f"Val epoch {epoch}")["acc"]
+        test_acc = evaluate_split(model, loaders["test"], header=f"Test epoch {epoch}")["acc"]
         stats = {"epoch": epoch, **{f"train_{k}": v for k, v in train_stats.items()}, "val_acc": val_acc,
                  "test_acc": test_acc}
         improved = val_acc > best_acc

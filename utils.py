@@ -437,12 +437,11 @@ def train_one_epoch(model, loader, loss_fn, optimizer, scheduler, scaler, epoch,
         if not torch.isfinite(values).all():
             raise FloatingPointError(f"non-finite loss at epoch {epoch}, iteration {i}: "
                                      + ", ".join(f"{k}={v:.4g}" for k, v in zip(losses, values.tolist())))
-        logger.update(**dict(zip(losses, values.tolist())))
+        logger.update(lr=optimizer.param_groups[0]["lr"], **dict(zip(losses, values.tolist())))
         if is_step:
             if cfg.grad_clip is not None:
                 scaler.unscale_(optimizer)
                 torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            logger.update(lr=optimizer.param_groups[0]["lr"])
             scaler.step(optimizer)
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
