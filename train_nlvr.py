@@ -71,13 +71,13 @@ def build_model(cfg, tokenizer):
                     text_size=cfg.text_encoder, vocab_size=len(tokenizer), enc_token_id=tokenizer.enc_token_id)
 
 
-def build_datasets(cfg):
+def build_datasets(cfg, splits=("train", "val", "test")):
     d = cfg.data
-    train = train_transform(cfg.model.image_size, d.crop_scale, d.randaugment)
-    test = eval_transform(cfg.model.image_size)
-    return {split: NLVRDataset(path, d.image_root, train if split == "train" else test, d.max_words,
-                               train=split == "train", skip_missing_images=d.skip_missing_images)
-            for split, path in (("train", d.train_file), ("val", d.val_file), ("test", d.test_file))}
+    files = {"train": d.train_file, "val": d.val_file, "test": d.test_file}
+    transforms = {"train": train_transform(cfg.model.image_size, d.crop_scale, d.randaugment),
+                  "val": eval_transform(cfg.model.image_size), "test": eval_transform(cfg.model.image_size)}
+    return {split: NLVRDataset(files[split], d.image_root, transforms[split], d.max_words, train=split == "train",
+                               skip_missing_images=d.skip_missing_images) for split in splits}
 
 
 def logits_and_labels(model, batch, tokenizer, device):
@@ -136,10 +136,10 @@ def main(argv=None):
     tokenizer = init_tokenizer(cfg.model.tokenizer)
     model = build_model(cfg.model, tokenizer).to(device)
     log(f"BlipNLVR: {sum(p.numel() for p in model.parameters()) / 1e6:.1f} M parameters")
-    datasets = build_datasets(cfg)
+    datasets = build_datasets(cfg, ("val", "test") if args.evaluate else ("train", "val", "test"))
     pin = device.type == "cuda"
-    loaders = {split: eval_loader(ds, cfg.eval.batch_size, cfg.data.num_workers, pin)
-               for split, ds in datasets.items() if split != "train"}
+    loaders = {split: eval_loader(datasets[split], cfg.eval.batch_size, cfg.data.num_workers, pin)
+               for split in ("val", "test")}
     evaluate_split = partial(evaluate, tokenizer=tokenizer, device=device, amp=cfg.train.amp)
 
     if args.evaluate:
@@ -164,6 +164,8 @@ def main(argv=None):
     start_epoch, best_acc = 0, -math.inf
     last_path, best_path = (os.path.join(args.output_dir, f"checkpoint_{n}.pth") for n in ("last", "best"))
     if args.resume:
+        if not os.path.exists(last_path):
+            raise InputError(f"--resume: {last_path} does not exist; run without --resume to start afresh")
         start_epoch, best_acc = restore_training_state(load_checkpoint_file(last_path), model, optimizer, scheduler,
                                                        scaler)
         log(f"resumed from {last_path} at epoch {start_epoch}")

@@ -3,7 +3,6 @@
 Small functions, no framework: each script calls them from its own visible `main`.
 """
 
-import builtins
 import dataclasses
 import datetime
 import difflib
@@ -121,7 +120,7 @@ def unwrap(model):
 def log(*args):
     """print() on rank 0 only."""
     if is_main_process():
-        builtins.print(*args, flush=True)
+        print(*args, flush=True)
 
 
 def cleanup_distributed():
@@ -387,6 +386,9 @@ def build_scheduler(optimizer, cfg, steps_per_epoch):
     """A LambdaLR stepped once per optimiser step; its state is the step count."""
     if cfg.lr <= 0:
         raise InputError(f"train.lr must be positive; got {cfg.lr}")
+    if steps_per_epoch < 1:
+        raise InputError("the train split is smaller than one optimiser step (train.batch_size x processes x "
+                         "accumulation steps); lower train.batch_size or train.global_batch_size")
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_at_step(step, steps_per_epoch, cfg) / cfg.lr)
 
 

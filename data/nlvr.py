@@ -29,6 +29,8 @@ class NLVRDataset(Dataset):
     def __init__(self, ann_file, image_root, transform, max_words=40, train=False, skip_missing_images=False):
         entries = [_parse_entry(entry, ann_file, i, image_root) for i, entry in enumerate(read_annotation(ann_file))]
         self.entries = check_image_files(entries, lambda e: e["images"], ann_file, image_root, skip_missing_images)
+        if not self.entries:
+            raise InputError(f"{ann_file} has no usable examples")
         for entry in self.entries:
             entry["sentence"] = pre_caption(entry["sentence"], max_words)
         self.transform, self.train = transform, train

@@ -78,12 +78,12 @@ class BertSelfAttention(nn.Module):
         return out.transpose(1, 2).flatten(2)
 
 
-class BertSelfOutput(nn.Module):
-    """Output projection, dropout, residual, post-LayerNorm."""
+class BertOutput(nn.Module):
+    """dense (in_features -> H), dropout, residual, post-LayerNorm: the output block of attention and of the FFN."""
 
-    def __init__(self, config):
+    def __init__(self, config, in_features):
         super().__init__()
-        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+        self.dense = nn.Linear(in_features, config.hidden_size)
         self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
 
@@ -97,7 +97,7 @@ class BertAttention(nn.Module):
     def __init__(self, config, kv_width=None):
         super().__init__()
         self.self = BertSelfAttention(config, kv_width or config.hidden_size)
-        self.output = BertSelfOutput(config)
+        self.output = BertOutput(config, config.hidden_size)
 
     def forward(self, x, context=None, mask=None):
         return self.output(self.self(x, x if context is None else context, mask), x)
@@ -112,17 +112,6 @@ class BertIntermediate(nn.Module):
         return F.gelu(self.dense(x))
 
 
-class BertOutput(nn.Module):
-    def __init__(self, config):
-        super().__init__()
-        self.dense = nn.Linear(config.intermediate_size, config.hidden_size)
-        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-        self.dropout = nn.Dropout(config.hidden_dropout_prob)
-
-    def forward(self, hidden, residual):
-        return self.LayerNorm(self.dropout(self.dense(hidden)) + residual)
-
-
 class BertLayer(nn.Module):
     """Self-attention -> cross-attention (multimodal mode) -> FFN, each with residual and post-LayerNorm."""
 
@@ -131,7 +120,7 @@ class BertLayer(nn.Module):
         self.attention = BertAttention(config)
         self.crossattention = crossattention
         self.intermediate = BertIntermediate(config)
-        self.output = BertOutput(config)
+        self.output = BertOutput(config, config.intermediate_size)
 
     def forward(self, x, mask, image_embeds=None):
         x = self.attention(x, mask=mask)

@@ -93,6 +93,9 @@ def test_bad_annotation_files(tmp_path):
     (tmp_path / "dict.json").write_text("{}")
     with pytest.raises(InputError, match="must hold a JSON list"):
         NLVRDataset(str(tmp_path / "dict.json"), str(tmp_path), None)
+    (tmp_path / "empty.json").write_text("[]")
+    with pytest.raises(InputError, match="empty.json has no usable examples"):
+        NLVRDataset(str(tmp_path / "empty.json"), str(tmp_path), None)
 
 
 def test_missing_and_unreadable_images_fail_together_or_are_skipped(tmp_path, capsys):

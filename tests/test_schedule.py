@@ -47,6 +47,12 @@ def test_scheduler_sets_the_optimizer_lr_each_step():
     assert seen == pytest.approx([lr_at_step(s, 5, cfg) for s in range(15)])
 
 
+def test_an_epoch_needs_at_least_one_step():
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    with pytest.raises(InputError, match="smaller than one optimiser step"):
+        build_scheduler(optimizer, TrainConfig(), steps_per_epoch=0)
+
+
 def test_accumulation_steps(monkeypatch):
     assert accumulation_steps(TrainConfig(batch_size=16, global_batch_size=None)) == 1
     assert accumulation_steps(TrainConfig(batch_size=16, global_batch_size=256)) == 16
