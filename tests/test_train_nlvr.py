@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import train_nlvr
+from utils import InputError
 from tests.conftest import nlvr_config, run_script
 
 
@@ -69,6 +70,12 @@ def test_resume_drops_log_lines_of_epochs_without_checkpoint(demo_data, tmp_path
     train_nlvr.main(["--config", str(config), "--output_dir", str(out), "--device", "cpu", "--resume",
                      "--options", "train.epochs=2"])
     assert [entry["epoch"] for entry in read_log(out)] == [0, 1] and read_log(out)[1]["val_acc"] != 0.0
+
+
+def test_resume_without_a_last_checkpoint_is_refused(demo_data, tmp_path):
+    with pytest.raises(InputError, match="checkpoint_last.pth does not exist; run without --resume"):
+        train_nlvr.main(["--config", str(nlvr_config(tmp_path, demo_data)), "--output_dir", str(tmp_path / "out"),
+                         "--device", "cpu", "--resume"])
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(demo_data, tmp_path, monkeypatch):
