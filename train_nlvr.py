@@ -4,7 +4,6 @@
     python train_nlvr.py --config configs/nlvr.yaml --output_dir out --evaluate --checkpoint model_base_nlvr.pth
 """
 
-import argparse
 import json
 import math
 import os
@@ -22,8 +21,9 @@ from models.blip_nlvr import BlipNLVR, load_checkpoint
 from models.tokenizer import init_tokenizer
 from utils import (InputError, MetricLogger, TrainConfig, accumulation_steps, all_reduce_sum, append_log, autocast, barrier,
                    build_optimizer, build_scheduler, get_rank, grad_scaler, init_distributed, is_main_process,
-                   load_checkpoint_file, load_config, log, restore_training_state, run_main, save_checkpoint,
-                   save_config, seed_everything, train_one_epoch, training_state, truncate_log, unwrap, wrap_ddp)
+                   load_checkpoint_file, load_config, log, parse_args, restore_training_state, run_main,
+                   save_checkpoint, save_config, seed_everything, train_one_epoch, training_state, truncate_log,
+                   unwrap, wrap_ddp)
 
 
 @dataclass
@@ -107,23 +107,8 @@ def evaluate(model, loader, tokenizer, device, amp, header):
     return {"acc": correct / total, "n": int(total)}
 
 
-def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", required=True)
-    parser.add_argument("--output_dir", required=True)
-    parser.add_argument("--evaluate", action="store_true", help="evaluate val and test only")
-    parser.add_argument("--checkpoint", help="with --evaluate: the weights to evaluate (default: "
-                                             "output_dir/checkpoint_best.pth, else model.pretrained)")
-    parser.add_argument("--resume", action="store_true", help="continue from output_dir/checkpoint_last.pth")
-    parser.add_argument("--device", choices=["cuda", "cpu"], help="default: cuda when available")
-    parser.add_argument("--seed", type=int, help="overrides train.seed")
-    parser.add_argument("--options", nargs="+", default=[], metavar="KEY=VALUE",
-                        help="config overrides, e.g. train.lr=1e-5 data.num_workers=8")
-    return parser.parse_args(argv)
-
-
 def main(argv=None):
-    args = parse_args(argv)
+    args = parse_args(__doc__, argv)
     cfg = load_config(args.config, NLVRConfig, args.options)
     if args.seed is not None:
         cfg.train.seed = args.seed

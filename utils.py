@@ -3,6 +3,7 @@
 Small functions, no framework: each script calls them from its own visible `main`.
 """
 
+import argparse
 import dataclasses
 import datetime
 import difflib
@@ -99,6 +100,37 @@ def all_gather_object(obj):
     return gathered
 
 
+def all_gather_no_grad(tensor):
+    """cat of `tensor` [B, ...] over ranks along dim 0 -> [W * B, ...], detached (also for one process, so that
+    what a loss backpropagates does not depend on the number of processes)."""
+    tensor = tensor.detach()
+    if not dist.is_initialized():
+        return tensor
+    gathered = [torch.empty_like(tensor) for _ in range(get_world_size())]
+    dist.all_gather(gathered, tensor.contiguous())
+    return torch.cat(gathered)
+
+
+class _AllGatherWithGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, tensor):
+        gathered = [torch.empty_like(tensor) for _ in range(get_world_size())]
+        dist.all_gather(gathered, tensor.contiguous())
+        return torch.cat(gathered)
+
+    @staticmethod
+    def backward(ctx, grad):
+        # Every rank's loss may use this rank's slice: sum their gradients, keep this rank's slice.
+        grad = grad.contiguous()
+        dist.all_reduce(grad)
+        return grad.chunk(get_world_size())[get_rank()]
+
+
+def all_gather_with_grad(tensor):
+    """cat of `tensor` [B, ...] over ranks along dim 0 -> [W * B, ...]; gradients flow back to each rank's slice."""
+    return _AllGatherWithGrad.apply(tensor) if dist.is_initialized() else tensor
+
+
 def broadcast_from_main(compute):
     """Run `compute()` on rank 0 only and give its result to every rank."""
     result = [compute() if is_main_process() else None]
@@ -163,6 +195,22 @@ def load_config(path, schema, overrides=()):
     for item in overrides:
         _apply_override(cfg, item)
     return cfg
+
+
+def parse_args(description, argv=None):
+    """The command line every entry script shares."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True)
+    parser.add_argument("--output_dir", required=True)
+    parser.add_argument("--evaluate", action="store_true", help="evaluate val and test only")
+    parser.add_argument("--checkpoint", help="with --evaluate: the weights to evaluate (default: "
+                                             "output_dir/checkpoint_best.pth, else model.pretrained)")
+    parser.add_argument("--resume", action="store_true", help="continue from output_dir/checkpoint_last.pth")
+    parser.add_argument("--device", choices=["cuda", "cpu"], help="default: cuda when available")
+    parser.add_argument("--seed", type=int, help="overrides train.seed")
+    parser.add_argument("--options", nargs="+", default=[], metavar="KEY=VALUE",
+                        help="config overrides, e.g. train.lr=1e-5 data.num_workers=8")
+    return parser.parse_args(argv)
 
 
 def _to_dataclass(schema, raw, source, prefix):
@@ -340,11 +388,12 @@ def append_log(output_dir, stats):
 
 
 def truncate_log(output_dir, last_epoch):
-    """Drop log.txt lines after `last_epoch` (they belong to a run that died before saving its checkpoint)."""
+    """Drop log.txt lines after `last_epoch` (they belong to a run that died before saving its checkpoint), and
+    lines without an epoch (the final test results, which the resumed run writes again)."""
     path = os.path.join(output_dir, "log.txt")
     if os.path.exists(path):
         with open(path) as f:
-            lines = [line for line in f if line.strip() and json.loads(line)["epoch"] <= last_epoch]
+            lines = [line for line in f if line.strip() and json.loads(line).get("epoch", math.inf) <= last_epoch]
         with open(path, "w") as f:
             f.writelines(lines)
 

@@ -23,10 +23,15 @@ class BlipRandAugment(transforms.RandAugment):
         return {op: space[op] for op in self.OPS}
 
 
-def train_transform(image_size, crop_scale=(0.5, 1.0), randaugment=True):
-    """RandomResizedCrop (bicubic) -> horizontal flip -> [BLIP RandAugment] -> tensor -> normalise."""
-    steps = [transforms.RandomResizedCrop(image_size, scale=tuple(crop_scale), interpolation=InterpolationMode.BICUBIC),
-             transforms.RandomHorizontalFlip()]
+def train_transform(image_size, crop_scale=(0.5, 1.0), randaugment=True, hflip=True):
+    """RandomResizedCrop (bicubic) -> [horizontal flip] -> [BLIP RandAugment] -> tensor -> normalise.
+
+    BLIP-2's train transform is this with `randaugment=False`. `hflip=False` is for captions that name left and
+    right (the synthetic demo data), which a flip would make false.
+    """
+    steps = [transforms.RandomResizedCrop(image_size, scale=tuple(crop_scale), interpolation=InterpolationMode.BICUBIC)]
+    if hflip:
+        steps.append(transforms.RandomHorizontalFlip())
     if randaugment:
         steps.append(BlipRandAugment())
     return transforms.Compose(steps + [transforms.ToTensor(), transforms.Normalize(MEAN, STD)])

@@ -1,4 +1,5 @@
-"""BLIP's tokenizer: bert-base-uncased WordPiece plus `[DEC]` (bos, id 30522) and `[ENC]` (id 30523)."""
+"""BLIP's tokenizer: bert-base-uncased WordPiece plus `[DEC]` (bos, id 30522) and `[ENC]` (id 30523); BLIP-2's
+Q-Former tokenizer is the same without `[ENC]`."""
 
 import os
 
@@ -8,19 +9,21 @@ from transformers import BertTokenizer
 from utils import InputError
 
 
-def init_tokenizer(name_or_dir):
+def init_tokenizer(name_or_dir, enc_token=True):
     """A lower-casing BERT WordPiece tokenizer from `vocab.txt` of a local directory or of a hub model.
 
     `[DEC]` starts decoder inputs and `[ENC]` replaces `[CLS]` in multimodal encoder inputs; with the
     bert-base-uncased vocabulary (30522 entries) they get ids 30522 and 30523, as in the original checkpoints.
-    The tokenizer gains `enc_token_id`.
+    The tokenizer gains `enc_token_id` (None with `enc_token=False`, BLIP-2's Q-Former tokenizer).
     """
     with open(_vocab_file(name_or_dir), encoding="utf-8") as f:
         vocab = {line.rstrip("\n"): i for i, line in enumerate(f)}
     tokenizer = BertTokenizer(vocab=vocab, do_lower_case=True)
     tokenizer.add_special_tokens({"bos_token": "[DEC]"})
-    tokenizer.add_special_tokens({"additional_special_tokens": ["[ENC]"]})
-    tokenizer.enc_token_id = tokenizer.convert_tokens_to_ids("[ENC]")
+    tokenizer.enc_token_id = None
+    if enc_token:
+        tokenizer.add_special_tokens({"additional_special_tokens": ["[ENC]"]})
+        tokenizer.enc_token_id = tokenizer.convert_tokens_to_ids("[ENC]")
     return tokenizer
 
 

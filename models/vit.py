@@ -47,7 +47,7 @@ class VisionTransformer(nn.Module):
 
         trunc_normal_(self.pos_embed, std=0.02)
         trunc_normal_(self.cls_token, std=0.02)
-        self.apply(_init_weights)
+        self.apply(init_vit_weights)
 
     def forward(self, images):
         x = self.patch_embed(images)
@@ -61,7 +61,7 @@ class VisionTransformer(nn.Module):
         return self.norm(x)
 
 
-def _init_weights(module):
+def init_vit_weights(module):
     if isinstance(module, nn.Linear):
         trunc_normal_(module.weight, std=0.02)
         if module.bias is not None:

@@ -12,9 +12,11 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="session")
 def demo_data(tmp_path_factory):
-    """A small synthetic NLVR dataset: 32 train, 10 val, 10 test examples at 32 px."""
+    """A small synthetic dataset at 32 px: NLVR with 32 train, 10 val, 10 test examples; captions of 24 train,
+    8 val, 8 test images."""
     out = tmp_path_factory.mktemp("demo_data")
-    generate(str(out), seed=0, num_train=16, num_val=5, num_test=5, image_size=32)
+    generate(str(out), seed=0, num_train=16, num_val=5, num_test=5, image_size=32, num_caption_train=24,
+             num_caption_val=8, num_caption_test=8)
     return out
 
 

@@ -1,0 +1,179 @@
+"""Image-caption data: training pairs mixed from several annotation files, and the retrieval / caption evaluation
+sets. Every file is a list of objects; image paths are relative to the file's `image_root`.
+
+Training (`CaptionSource`, `CaptionDataset`):
+    COCO Karpathy train   [{"image", "caption", "image_id"}, ...], image_id a string such as "coco_522418"
+        https://storage.googleapis.com/sfr-vision-language-research/datasets/coco_karpathy_train.json
+    Visual Genome         [{"image", "caption"}, ...]: no image_id, the image path is the id
+        https://storage.googleapis.com/sfr-vision-language-research/LAVIS/datasets/visual_genome/vg_caption.json
+    custom                {"image", "caption"[, "image_id" str or int]} objects as a JSON list, or one per line in a
+                          `.jsonl` file
+Evaluation (`RetrievalDataset`): Karpathy val/test, [{"image", "caption": [str, ...]}, ...]
+        https://storage.googleapis.com/sfr-vision-language-research/datasets/coco_karpathy_val.json, ..._test.json
+        https://storage.googleapis.com/sfr-vision-language-research/datasets/flickr30k_val.json, ..._test.json
+    Caption metrics score against the COCO-format ground truth coco_karpathy_val_gt.json and
+    coco_karpathy_test_gt.json (same site), keyed by the image ids that `RetrievalDataset.image_ids` gives.
+"""
+
+import json
+import os
+import re
+from dataclasses import dataclass
+
+from PIL import Image
+from torch.utils.data import Dataset
+
+from data.utils import _find_bad_images, check_image_files, pre_caption, read_annotation
+from utils import InputError, broadcast_from_main
+
+
+@dataclass
+class CaptionSource:
+    """One annotation file of image-caption pairs."""
+    ann_file: str
+    image_root: str = "."
+
+
+class CaptionDataset(Dataset):
+    """Items: (image [3, S, S], caption, image_id).
+
+    image_id numbers the distinct images 0..num_images-1 in first-seen order over all sources. Captions of one
+    image share its id; the same raw id in two sources is two images (COCO's "coco_1" and a custom file's "coco_1"
+    are unrelated).
+    """
+
+    def __init__(self, sources, transform, max_words=50, skip_missing_images=False):
+        if not sources:
+            raise InputError("CaptionDataset needs at least one annotation file")
+        self.entries, ids = [], {}
+        for number, source in enumerate(sources):
+            for entry in _read_source(source, skip_missing_images):
+                key = (number, entry.pop("raw_id"))
+                entry["image_id"] = ids.setdefault(key, len(ids))
+                entry["caption"] = pre_caption(entry["caption"], max_words)
+                self.entries.append(entry)
+        self.num_images, self.transform = len(ids), transform
+
+    def __len__(self):
+        return len(self.entries)
+
+    def __getitem__(self, index):
+        entry = self.entries[index]
+        return self.transform(Image.open(entry["image"]).convert("RGB")), entry["caption"], entry["image_id"]
+
+
+class RetrievalDataset(Dataset):
+    """Items: (image [3, S, S], index).
+
+    `text` holds every cleaned caption, image by image; `img2txt[i]` lists the indices in `text` of image i's
+    captions and `txt2img[t]` is the image of caption t. `image_ids[i]` is the entry's "image_id", else, as COCO
+    caption evaluation expects, the integer after the last "_" of the file name ("COCO_val2014_000000391895.jpg"
+    -> 391895, Flickr's "1000092795.jpg" -> 1000092795), else the image path as written.
+    """
+
+    def __init__(self, ann_file, image_root, transform, max_words=30):
+        entries = [_parse_eval_entry(entry, f"{ann_file}[{i}]") for i, entry in enumerate(read_annotation(ann_file))]
+        if not entries:
+            raise InputError(f"{ann_file} has no examples")
+        self.image_paths = [os.path.join(image_root, entry["image"]) for entry in entries]
+        _require_images(self.image_paths, ann_file, image_root)
+        self.image_ids = _unique_image_ids(entries, ann_file)
+        self.text, self.img2txt, self.txt2img = [], [], []
+        for image, entry in enumerate(entries):
+            self.img2txt.append(list(range(len(self.text), len(self.text) + len(entry["caption"]))))
+            self.txt2img += [image] * len(entry["caption"])
+            self.text += [pre_caption(caption, max_words) for caption in entry["caption"]]
+        self.transform = transform
+
+    def __len__(self):
+        return len(self.image_paths)
+
+    def __getitem__(self, index):
+        return self.transform(Image.open(self.image_paths[index]).convert("RGB")), index
+
+
+def _read_source(source, skip_missing_images):
+    """The usable entries of one source: {"image": full path, "caption", "raw_id"}."""
+    entries = [_parse_train_entry(entry, where, source.image_root) for where, entry in _read_entries(source.ann_file)]
+    entries = check_image_files(entries, lambda e: [e["image"]], source.ann_file, source.image_root,
+                                skip_missing_images)
+    if not entries:
+        raise InputError(f"{source.ann_file} has no usable examples")
+    return entries
+
+
+def _read_entries(path):
+    """[(where, entry)], `where` naming the entry for error messages: file[index], or file line n for JSONL."""
+    if not path.endswith(".jsonl"):
+        return [(f"{path}[{i}]", entry) for i, entry in enumerate(read_annotation(path))]
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = list(f)
+    except FileNotFoundError:
+        raise InputError(f"annotation file {path} does not exist") from None
+    entries = []
+    for number, line in enumerate(lines, 1):
+        if line.strip():  # blank lines, such as a trailing one, hold no entry
+            try:
+                entries.append((f"{path} line {number}", json.loads(line)))
+            except json.JSONDecodeError as e:
+                raise InputError(f"{path} line {number} is not valid JSON: {e}") from None
+    return entries
+
+
+def _parse_train_entry(entry, where, image_root):
+    _check_fields(entry, where, "image, caption[, image_id]")
+    if not isinstance(entry["caption"], str):
+        raise InputError(f"{where}: 'caption' must be a string; got {entry['caption']!r:.80}")
+    raw_id = entry.get("image_id", entry["image"])
+    if isinstance(raw_id, bool) or not isinstance(raw_id, (str, int)):
+        raise InputError(f"{where}: 'image_id' must be a string or an integer; got {raw_id!r:.80}")
+    return {"image": os.path.join(image_root, entry["image"]), "caption": entry["caption"], "raw_id": raw_id}
+
+
+def _parse_eval_entry(entry, where):
+    _check_fields(entry, where, "image, caption (a list of strings)")
+    captions = [entry["caption"]] if isinstance(entry["caption"], str) else entry["caption"]
+    if not (isinstance(captions, list) and captions and all(isinstance(c, str) for c in captions)):
+        raise InputError(f"{where}: 'caption' must be a string or a non-empty list of strings; got "
+                         f"{entry['caption']!r:.80}")
+    image_id = entry.get("image_id")
+    if image_id is not None and (isinstance(image_id, bool) or not isinstance(image_id, (str, int))):
+        raise InputError(f"{where}: 'image_id' must be a string or an integer; got {image_id!r:.80}")
+    return {"image": entry["image"], "caption": captions, "image_id": image_id}
+
+
+def _check_fields(entry, where, expected):
+    if not isinstance(entry, dict):
+        raise InputError(f"{where}: expected an object with {expected}; got {entry!r:.80}")
+    for field in ("image", "caption"):
+        if field not in entry:
+            raise InputError(f"{where}: missing field '{field}'")
+    if not isinstance(entry["image"], str):
+        raise InputError(f"{where}: 'image' must be an image path; got {entry['image']!r:.80}")
+
+
+def _require_images(paths, ann_file, image_root):
+    # Unlike training data, an evaluation set is never thinned: its scores would no longer compare with others.
+    bad = dict(broadcast_from_main(lambda: _find_bad_images(sorted(set(paths)))))
+    if bad:
+        first = "; ".join(f"{path} ({reason})" for path, reason in list(bad.items())[:5])
+        raise InputError(f"{ann_file}: {len(bad)} of {len(set(paths))} images are missing or unreadable under "
+                         f"image_root {image_root}, e.g. {first}. Fix the image_root or the files; an evaluation "
+                         f"set must be complete (skip_missing_images does not apply to it)")
+
+
+def _unique_image_ids(entries, ann_file):
+    ids = [entry["image_id"] if entry["image_id"] is not None else _id_from_path(entry["image"]) for entry in entries]
+    first = {}
+    for index, image_id in enumerate(ids):
+        if first.setdefault(image_id, index) != index:
+            raise InputError(f"{ann_file}[{first[image_id]}] and [{index}] have the same image id {image_id!r} (from "
+                             f"'image_id' or the file name); caption evaluation needs one id per image: give each "
+                             f"entry a distinct 'image_id'")
+    return ids
+
+
+def _id_from_path(path):
+    tail = os.path.splitext(os.path.basename(path))[0].rsplit("_", 1)[-1]
+    return int(tail) if re.fullmatch(r"[0-9]+", tail) else path

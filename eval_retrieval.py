@@ -1,0 +1,119 @@
+"""Image-text retrieval with a BLIP-2 stage-1 model: ITC similarity for all pairs, the top k re-ranked by ITM.
+
+The protocol of the original: sim(i, t) = max over queries of the cosine of query and text features (no
+temperature); for each image its top `k_test` texts, and for each text its top `k_test` images, are re-scored by the
+ITM "match" logit; final score ITM + ITC (or ITM only, or ITC only). Recall@1/5/10 in both directions, in percent.
+"""
+
+import torch
+
+from utils import InputError, MetricLogger, all_gather_no_grad, all_reduce_sum, autocast, get_rank, get_world_size, unwrap
+
+
+def retrieval_metrics(scores_i2t, scores_t2i, img2txt, txt2img):
+    """Recall@K (percent) from score matrices scores_i2t [I, T] and scores_t2i [T, I]: an image counts as found at K
+    when any of its ground-truth texts `img2txt[i]` ranks within the top K; a text when its image `txt2img[t]`
+    does (a -inf score is never a hit). Also the means per direction and overall (`r_mean`)."""
+    scores_i2t, scores_t2i = torch.as_tensor(scores_i2t), torch.as_tensor(scores_t2i)
+    order_i2t = scores_i2t.argsort(dim=1, descending=True, stable=True)
+    order_t2i = scores_t2i.argsort(dim=1, descending=True, stable=True)
+    text_rank = torch.tensor([_first_position(order_i2t[i], img2txt[i], scores_i2t[i]) for i in range(len(img2txt))])
+    image_rank = torch.tensor([_first_position(order_t2i[t], [txt2img[t]], scores_t2i[t])
+                               for t in range(len(txt2img))])
+    metrics = {}
+    for name, ranks in (("txt", text_rank), ("img", image_rank)):
+        for k in (1, 5, 10):
+            metrics[f"{name}_r{k}"] = 100.0 * (ranks < k).float().mean().item()
+        metrics[f"{name}_r_mean"] = sum(metrics[f"{name}_r{k}"] for k in (1, 5, 10)) / 3
+    metrics["r_mean"] = (metrics["txt_r_mean"] + metrics["img_r_mean"]) / 2
+    return metrics
+
+
+def _first_position(order, targets, scores):
+    """The best (smallest) position in `order` of any of `targets` that has a score; unscored (-inf) candidates,
+    those left out of re-ranking, are never found, whatever their index."""
+    targets = [t for t in targets if scores[t] > float("-inf")]
+    hits = torch.isin(order, torch.as_tensor(targets, dtype=order.dtype)).nonzero()
+    return int(hits[0, 0]) if len(hits) else len(order)
+
+
+@torch.no_grad()
+def encode_texts(model, texts, tokenizer, device, batch_size, max_length):
+    """Every rank encodes its shard (rank::world) of `texts`; returns (features [T, E], ids [T, L], mask [T, L]) of
+    all texts, in order, on every rank."""
+    tokens = tokenizer(texts, padding="max_length", truncation=True, max_length=max_length, return_tensors="pt")
+    ids, mask = tokens.input_ids.to(device), tokens.attention_mask.to(device)
+    shard = torch.arange(get_rank(), len(texts), get_world_size(), device=device)
+    feats = [model.text_features(ids[chunk], mask[chunk]).float() for chunk in shard.split(batch_size)]
+    feats = torch.cat(feats) if feats else torch.empty(0, model.text_proj.out_features, device=device)
+    return _unshard(feats, len(texts)), ids, mask
+
+
+@torch.no_grad()
+def evaluate_retrieval(model, loader, tokenizer, device, amp="off", k_test=256, score="itm+itc", text_batch_size=256,
+                       itm_batch_size=128, max_length=35, header="Retrieval"):
+    """Retrieval metrics of `model` on `loader.dataset` (a data.caption.RetrievalDataset whose loader shards the
+    images over ranks). Each rank keeps the ln_vision image tokens of its own images only (in the autocast dtype),
+    and re-ranks the pairs whose image it holds. Returns retrieval_metrics(...)."""
+    if score not in ("itm+itc", "itm", "itc"):
+        raise ValueError(f"score must be itm+itc, itm or itc; got {score!r}")
+    model = unwrap(model)
+    model.eval()
+    dataset = loader.dataset
+    if len(dataset) < get_world_size():
+        raise InputError(f"{len(dataset)} evaluation images for {get_world_size()} processes: every process needs "
+                         "at least one; use fewer processes")
+    with autocast(device, amp):
+        text_feats, text_ids, text_mask = encode_texts(model, dataset.text, tokenizer, device, text_batch_size,
+                                                       max_length)
+        local_index, local_embeds, local_feats = [], [], []
+        for images, index in MetricLogger().log_every(loader, 50, f"{header} images"):
+            embeds = model.image_embeddings(images.to(device, non_blocking=True))
+            local_feats.append(model.image_features(embeds).float())
+            local_embeds.append(embeds.to(torch.bfloat16 if amp == "bf16" else torch.float16 if amp == "fp16"
+                                          else embeds.dtype))
+            local_index.append(index.to(device))
+    local_index, local_embeds = torch.cat(local_index), torch.cat(local_embeds)
+    image_feats = _unshard(torch.cat(local_feats), len(dataset))
+    sim_i2t = itc_similarity(image_feats, text_feats)  # [I, T]
+    if score == "itc":
+        return retrieval_metrics(sim_i2t, sim_i2t.t(), dataset.img2txt, dataset.txt2img)
+
+    k_texts, k_images = min(k_test, sim_i2t.shape[1]), min(k_test, sim_i2t.shape[0])
+    chosen_i2t = torch.zeros_like(sim_i2t, dtype=torch.bool).scatter_(1, sim_i2t.topk(k_texts, dim=1).indices, True)
+    chosen_t2i = torch.zeros_like(sim_i2t.t(), dtype=torch.bool).scatter_(
+        1, sim_i2t.t().topk(k_images, dim=1).indices, True)
+    itm = _itm_for_pairs(model, chosen_i2t | chosen_t2i.t(), local_index, local_embeds, text_ids, text_mask,
+                         itm_batch_size, device, amp, header)
+    total = itm + (sim_i2t if score == "itm+itc" else 0)
+    scores_i2t = torch.where(chosen_i2t, total, float("-inf"))
+    scores_t2i = torch.where(chosen_t2i, total.t(), float("-inf"))
+    return retrieval_metrics(scores_i2t.cpu(), scores_t2i.cpu(), dataset.img2txt, dataset.txt2img)
+
+
+def itc_similarity(image_feats, text_feats, chunk=256):
+    """max over queries of image_feats [I, Q, E] . text_feats [T, E] -> [I, T], a chunk of images at a time so that
+    the [I, T, Q] products are never held at once."""
+    return torch.cat([torch.einsum("iqe,te->itq", part, text_feats).amax(-1) for part in image_feats.split(chunk)])
+
+
+def _itm_for_pairs(model, pairs, local_index, local_embeds, text_ids, text_mask, batch_size, device, amp, header):
+    """ITM scores [I, T] for the True entries of `pairs` [I, T]: each rank scores the pairs of the images it holds;
+    entries elsewhere are 0."""
+    scores = torch.zeros(pairs.shape, device=device)
+    image, text = pairs[local_index].nonzero(as_tuple=True)  # image: position in this rank's embeddings
+    chunks = list(zip(image.split(batch_size), text.split(batch_size)))
+    for image_chunk, text_chunk in MetricLogger().log_every(chunks, 50, f"{header} ITM re-ranking"):
+        with autocast(device, amp):
+            itm = model.itm_scores(local_embeds[image_chunk].float(), text_ids[text_chunk], text_mask[text_chunk])
+        scores[local_index[image_chunk], text_chunk] = itm.float()
+    return all_reduce_sum(scores)
+
+
+def _unshard(local, total):
+    """Rows rank::world of every rank -> all `total` rows in order (on every rank)."""
+    world = get_world_size()
+    per_rank = -(-total // world)
+    padded = torch.cat([local, local.new_zeros(per_rank - len(local), *local.shape[1:])])
+    gathered = all_gather_no_grad(padded).view(world, per_rank, *local.shape[1:])
+    return gathered.transpose(0, 1).reshape(world * per_rank, *local.shape[1:])[:total]

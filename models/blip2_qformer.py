@@ -1,0 +1,369 @@
+"""BLIP-2 stage 1: the Q-Former trained against a frozen image encoder with ITC, ITM and ITG.
+
+State-dict keys are those of LAVIS's `Blip2Qformer` (`blip2_pretrained.pth`): `visual_encoder.*`, `ln_vision.*`,
+`query_tokens`, `Qformer.*`, `vision_proj.*`, `text_proj.*`, `itm_head.*`, `temp`. `to_hf_retrieval` and
+`from_hf_retrieval` convert to and from transformers' `Blip2ForImageTextRetrieval` layout.
+
+Shapes: images [B, 3, S, S]; text ids and attention mask [B, L] starting with [CLS]; image tokens [B, N, Dv]
+(after ln_vision); query outputs [B, Q, H]; features [B, Q, E] (image) and [B, E] (text), L2-normalised.
+"""
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from models.eva_vit import create_vision_encoder, freeze_vision_encoder, load_vision_weights
+from models.qformer import (build_qformer, causal_mask_with_query_prefix, load_bert_weights, padding_mask,
+                            unilm_mask)
+from utils import (InputError, all_gather_no_grad, all_gather_with_grad, all_reduce_sum, get_rank, get_world_size,
+                   load_checkpoint_file, log)
+
+CHECKPOINT_URLS = {
+    "pretrain": "https://storage.googleapis.com/sfr-vision-language-research/LAVIS/models/BLIP2/blip2_pretrained.pth",
+    "coco": "https://storage.googleapis.com/sfr-vision-language-research/LAVIS/models/BLIP2/blip2_finetune_coco.pth",
+}
+# What transformers' Blip2ForImageTextRetrieval layout has no place for (kept in a side file).
+HF_SIDE_KEYS = ("temp", "Qformer.cls.")
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class Blip2Qformer(nn.Module):
+    """Frozen image encoder -> ln_vision -> Q-Former with learned queries; ITC/ITM/ITG heads.
+
+    `token_ids`: {"bos": [DEC], "pad": [PAD], "eos": [SEP]} of the tokenizer.
+    """
+
+    def __init__(self, token_ids, vision="eva_vit_g", image_size=224, patch_size=None, freeze_vit=True,
+                 vit_precision="fp16", drop_path_rate=0.0, vit_grad_ckpt_layers=0, qformer="base", vocab_size=30523,
+                 num_query_tokens=32, cross_attention_freq=2, embed_dim=256, clamp_temp=False, ln_vision_eps=1e-5,
+                 qformer_overrides=None):
+        super().__init__()
+        self.token_ids = token_ids
+        self.visual_encoder = create_vision_encoder(vision, image_size, drop_path_rate, vit_grad_ckpt_layers,
+                                                    patch_size)
+        if freeze_vit:
+            freeze_vision_encoder(self.visual_encoder, PRECISIONS[vit_precision])
+        width = self.visual_encoder.num_features
+        self.ln_vision = nn.LayerNorm(width, eps=ln_vision_eps)
+        self.Qformer = build_qformer(qformer, vocab_size, width, cross_attention_freq, **(qformer_overrides or {}))
+        hidden = self.Qformer.bert.config.hidden_size
+        self.query_tokens = nn.Parameter(torch.randn(1, num_query_tokens, hidden) * 0.02)
+        self.vision_proj = nn.Linear(hidden, embed_dim)
+        self.text_proj = nn.Linear(hidden, embed_dim)
+        self.itm_head = nn.Linear(hidden, 2)
+        self.temp = nn.Parameter(torch.tensor(0.07))
+        self.clamp_temp = clamp_temp
+
+    # ------------------------------------------------------------------------------------------------ encoders
+
+    def image_embeddings(self, images):
+        """images [B, 3, S, S] -> ln_vision(ViT tokens) [B, N, Dv] in fp32."""
+        return self.ln_vision(self.visual_encoder(images).float())
+
+    def query_outputs(self, image_embeds):
+        """The queries after the Q-Former over the image: ([B, Q, H], per-layer (keys, values) for ITG)."""
+        queries = self.query_tokens.expand(image_embeds.shape[0], -1, -1)
+        return self.Qformer.bert(query_embeds=queries, image_embeds=image_embeds)
+
+    def image_features(self, image_embeds):
+        """[B, N, Dv] -> L2-normalised query features [B, Q, E]."""
+        return F.normalize(self.vision_proj(self.query_outputs(image_embeds)[0]), dim=-1)
+
+    def text_features(self, input_ids, attention_mask):
+        """[B, L] -> L2-normalised [CLS] features [B, E] (text-only pass)."""
+        hidden, _ = self.Qformer.bert(input_ids, mask=padding_mask(attention_mask))
+        return F.normalize(self.text_proj(hidden[:, 0]), dim=-1)
+
+    def itm_logits(self, image_embeds, input_ids, attention_mask):
+        """Image-text matching logits [B, 2] (no match, match): queries and text bidirectionally, the queries
+        cross-attending to image_embeds [B, N, Dv]; the head's output averaged over the queries."""
+        queries = self.query_tokens.expand(input_ids.shape[0], -1, -1)
+        mask = padding_mask(torch.cat([attention_mask.new_ones(queries.shape[:2]), attention_mask], 1))
+        hidden, _ = self.Qformer.bert(input_ids, queries, mask, image_embeds)
+        return self.itm_head(hidden[:, :queries.shape[1]]).mean(1)
+
+    def itm_scores(self, image_embeds, input_ids, attention_mask):
+        """The retrieval re-ranking score [B]: the "match" logit averaged over queries (LAVIS's compute_itm)."""
+        return self.itm_logits(image_embeds, input_ids, attention_mask)[:, 1]
+
+    # -------------------------------------------------------------------------------------------------- losses
+
+    def forward(self, images, input_ids, attention_mask, image_ids=None):
+        """Pre-training losses {"loss", "loss_itc", "loss_itm", "loss_itg"} for a batch of image-text pairs.
+
+        input_ids/attention_mask must have the same length on every rank (pad to max_txt_len). With `image_ids` [B],
+        pairs of the same image are positives in ITC and never drawn as ITM negatives.
+        """
+        if self.clamp_temp:
+            with torch.no_grad():
+                self.temp.clamp_(0.001, 0.5)
+        image_embeds = self.image_embeddings(images)
+        query_hidden, query_cache = self.query_outputs(image_embeds)
+        image_feats = F.normalize(self.vision_proj(query_hidden), dim=-1)
+        text_feat = self.text_features(input_ids, attention_mask)
+
+        sim_i2t, sim_t2i = itc_similarities(image_feats, text_feat, all_gather_no_grad(image_feats),
+                                            all_gather_no_grad(text_feat), self.temp)
+        positives = positive_pairs(image_ids, input_ids.shape[0], images.device)
+        loss_itc = (itc_loss(sim_i2t, positives) + itc_loss(sim_t2i, positives)) / 2
+        loss_itm = self.itm_loss(image_embeds, input_ids, attention_mask, sim_i2t.detach(), sim_t2i.detach(),
+                                 positives)
+        loss_itg = self.itg_loss(input_ids, attention_mask, query_cache)
+        return {"loss": loss_itc + loss_itm + loss_itg, "loss_itc": loss_itc, "loss_itm": loss_itm,
+                "loss_itg": loss_itg}
+
+    def itm_loss(self, image_embeds, input_ids, attention_mask, sim_i2t, sim_t2i, positives):
+        """Cross-entropy of (image, text) match over 3B pairs: positives, (hard-negative image, text),
+        (image, hard-negative text). Negatives come from every rank; their images keep their gradient."""
+        batch = input_ids.shape[0]
+        neg_image = sample_hard_negatives(sim_t2i, positives)  # a negative image for each text
+        neg_text = sample_hard_negatives(sim_i2t, positives)   # a negative text for each image
+        image_embeds_world = all_gather_with_grad(image_embeds)
+        ids_world, mask_world = all_gather_no_grad(input_ids), all_gather_no_grad(attention_mask)
+        logits = self.itm_logits(torch.cat([image_embeds, image_embeds_world[neg_image], image_embeds]),
+                                 torch.cat([input_ids, input_ids, ids_world[neg_text]]),
+                                 torch.cat([attention_mask, attention_mask, mask_world[neg_text]]))
+        labels = torch.cat([torch.ones(batch), torch.zeros(2 * batch)]).long().to(logits.device)
+        return F.cross_entropy(logits.float(), labels)
+
+    def itg_loss(self, input_ids, attention_mask, query_cache):
+        """Captioning loss: text from [DEC] decoded causally, attending to the cached query keys/values;
+        label smoothing 0.1, padding ignored, averaged over the tokens of the global batch."""
+        decoder_ids = input_ids.clone()
+        decoder_ids[:, 0] = self.token_ids["bos"]
+        labels = decoder_ids.masked_fill(decoder_ids == self.token_ids["pad"], -100)
+        mask = causal_mask_with_query_prefix(attention_mask, self.query_tokens.shape[1])
+        hidden, _ = self.Qformer.bert(decoder_ids, mask=mask, past=query_cache)
+        logits = self.Qformer.lm_logits(hidden[:, :-1]).float()
+        targets = labels[:, 1:].flatten()
+        # The mean over the tokens of the global batch (DDP then averages over ranks), not of each rank's batch:
+        # ranks with more padding would otherwise weigh their tokens more than one process would.
+        global_tokens = all_reduce_sum((targets != -100).sum()).clamp(min=1)
+        loss_sum = F.cross_entropy(logits.flatten(0, 1), targets, label_smoothing=0.1, reduction="sum")
+        return loss_sum * get_world_size() / global_tokens
+
+    # ---------------------------------------------------------------------------------------------- captioning
+
+    @torch.no_grad()
+    def generate(self, images, num_beams=3, max_new_tokens=30, min_new_tokens=10, top_p=0.9,
+                 repetition_penalty=1.0, length_penalty=1.0, use_nucleus_sampling=False):
+        """Captions from the ITG decoder: token ids [B, T] after [DEC] (eos and padding included). Beam search, or
+        nucleus sampling with `top_p` (one sample per image)."""
+        from models.generation import beam_search, nucleus_sampling
+
+        image_embeds = self.image_embeddings(images)
+        queries = self.query_tokens.expand(image_embeds.shape[0], -1, -1)
+        bos = torch.full((images.shape[0], 1), self.token_ids["bos"], device=images.device)
+        # First step: queries and [DEC] in one pass under the UniLM mask; later steps reuse the cached keys.
+        hidden, cache = self.Qformer.bert(bos, queries, unilm_mask(queries.shape[1], torch.ones_like(bos)),
+                                          image_embeds)
+        num_query = queries.shape[1]
+
+        def step(last_tokens, cache, num_generated):  # [DEC] holds position 0
+            hidden, cache = self.Qformer.bert(last_tokens[:, None], past=cache, position_offset=num_generated)
+            return self.Qformer.lm_logits(hidden[:, -1]).float(), cache
+
+        first_logits = self.Qformer.lm_logits(hidden[:, num_query]).float()
+        search = dict(first_logits=first_logits, cache=cache, step=step, eos_id=self.token_ids["eos"],
+                      pad_id=self.token_ids["pad"], max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens,
+                      repetition_penalty=repetition_penalty)
+        if use_nucleus_sampling:
+            return nucleus_sampling(top_p=top_p, **search)
+        return beam_search(num_beams=num_beams, length_penalty=length_penalty, **search)
+
+
+# ------------------------------------------------------------------------------------------------ loss pieces
+
+def itc_similarities(image_feats, text_feat, image_feats_all, text_feat_all, temp):
+    """sim_i2t [B, W*B]: for each local image, the max over its queries of query . text, for every text of every
+    rank; sim_t2i [B, W*B] likewise for each local text against every image. Divided by `temp`, in fp32."""
+    sim_i2t = torch.einsum("bqe,te->btq", image_feats.float(), text_feat_all.float()).amax(-1)
+    sim_t2i = torch.einsum("be,nqe->bnq", text_feat.float(), image_feats_all.float()).amax(-1)
+    return sim_i2t / temp, sim_t2i / temp
+
+
+def positive_pairs(image_ids, batch, device):
+    """Boolean [B, W*B]: which gathered pairs are positives for this rank's rows. Without image ids, only the
+    pair itself (column rank * B + row); with ids [B], every pair of the same image."""
+    if image_ids is None:
+        columns = torch.arange(get_world_size() * batch, device=device)
+        return columns[None, :] == (get_rank() * batch + torch.arange(batch, device=device))[:, None]
+    return image_ids[:, None] == all_gather_no_grad(image_ids)[None, :]
+
+
+def itc_loss(sim, positives):
+    """Cross-entropy against targets spread evenly over the positives, label smoothing 0.1: equal to
+    F.cross_entropy(sim, target, label_smoothing=0.1) when each row has one positive."""
+    targets = positives.float() / positives.sum(1, keepdim=True)
+    targets = 0.9 * targets + 0.1 / sim.shape[1]
+    return -(F.log_softmax(sim, dim=1) * targets).sum(1).mean()
+
+
+def sample_hard_negatives(sim, positives):
+    """For each row of sim [B, N], one column drawn with probability softmax(sim) over the non-positive columns.
+
+    Vectorised multinomial sampling by the exponential race (argmax of p / E, E ~ Exp(1)), which draws what
+    per-row `torch.multinomial(p, 1)` draws from the same RNG state (the original's loop). The noise is drawn for
+    the rows of every rank, so that one process with a batch of W*B draws what W processes with B draw when their
+    generators are seeded alike. A row without any negative (a batch of one image) is an error.
+    """
+    if not (~positives).any(1).all():
+        raise ValueError("ITM: a row of the batch has no negative (all pairs of the batch show the same image); "
+                         "shuffle the data or enlarge the batch")
+    weights = F.softmax(sim.float().masked_fill(positives, float("-inf")), dim=1)
+    rank, batch = get_rank(), sim.shape[0]
+    noise = torch.empty(get_world_size() * batch, sim.shape[1], device=sim.device).exponential_()
+    return (weights / noise[rank * batch:(rank + 1) * batch]).argmax(1)
+
+
+# ------------------------------------------------------------------------------------------------ checkpoints
+
+def load_checkpoint(model, url_or_path):
+    """Load a stage-1 checkpoint (path or URL) into `model`: LAVIS's layout (`blip2_pretrained.pth`, this project's
+    checkpoints) or transformers' Blip2ForImageTextRetrieval layout, in which `temp` and the ITG head's transform
+    and bias are absent and keep their values. Image-encoder position embeddings are resampled to the model's
+    image size; a checkpoint without image-encoder weights leaves the encoder as it is."""
+    state = load_checkpoint_file(url_or_path)
+    state = state.get("model", state)
+    if any(k.startswith("vision_model.") for k in state):
+        state = from_hf_retrieval(state)
+    vision = {k[len("visual_encoder."):]: v for k, v in state.items() if k.startswith("visual_encoder.")}
+    if vision:
+        load_vision_weights(model.visual_encoder, vision)
+    else:
+        log(f"{url_or_path} holds no image-encoder weights; the encoder keeps its own (model.vit_pretrained)")
+
+    def rest(items):
+        return {k: v for k, v in items if not k.startswith("visual_encoder.") and not k.endswith("position_ids")}
+
+    theirs, ours = rest(state.items()), rest(model.state_dict().items())
+    problems = [f"unexpected {k}" for k in theirs if k not in ours]
+    problems += [f"{k} is {tuple(v.shape)}, the model's {tuple(ours[k].shape)}" for k, v in theirs.items()
+                 if k in ours and v.shape != ours[k].shape]
+    absent = [k for k in ours if k not in theirs]
+    problems += [f"missing {k}" for k in absent if not k.startswith(HF_SIDE_KEYS)]
+    if problems:
+        raise InputError(f"{url_or_path} does not fit the stage-1 model ({len(problems)} problems: "
+                         f"{'; '.join(problems[:4])}). Check model.vision, model.qformer and model.num_query_tokens")
+    if absent:
+        log(f"{url_or_path} has no {', '.join(sorted(absent)[:3])}...: they keep their initial values")
+    model.load_state_dict(theirs, strict=False)
+
+
+def to_hf_retrieval(state):
+    """LAVIS stage-1 state dict -> (transformers Blip2ForImageTextRetrieval state dict, side dict).
+
+    The side dict holds what that layout has no place for: `temp` and the ITG LM head `Qformer.cls.*`."""
+    hf, side = {}, {}
+    for key, value in state.items():
+        if key.startswith(HF_SIDE_KEYS):
+            side[key] = value
+        elif key.endswith("position_ids") or key.endswith(("attn.q_bias", "attn.v_bias")):
+            continue
+        else:
+            hf[_lavis_to_hf_key(key)] = value
+    for key in state:
+        if key.endswith("attn.q_bias"):
+            prefix = key[:-len("attn.q_bias")]
+            q_bias, v_bias = state[key], state[prefix + "attn.v_bias"]
+            hf[_lavis_to_hf_key(prefix + "attn.qkv.bias")] = torch.cat([q_bias, torch.zeros_like(q_bias), v_bias])
+    if any(k.startswith("visual_encoder.transformer.") for k in state):
+        raise InputError("transformers' BLIP-2 layout has no CLIP ViT-L image encoder; only EVA ViT-g converts")
+    return hf, side
+
+
+def from_hf_retrieval(hf, side=None):
+    """Inverse of `to_hf_retrieval`; `side` (temp, Qformer.cls.*) is merged in when given. A non-zero key bias (which
+    EVA does not have) is an error."""
+    state = {}
+    for key, value in hf.items():
+        if key.endswith("position_ids"):
+            continue
+        lavis = _hf_to_lavis_key(key)
+        if lavis.endswith("attn.qkv.bias"):
+            q_bias, k_bias, v_bias = value.chunk(3)
+            if k_bias.abs().max() > 0:
+                raise InputError(f"{key} has a non-zero key bias, which the EVA ViT cannot represent")
+            prefix = lavis[:-len("qkv.bias")]
+            state[prefix + "q_bias"], state[prefix + "v_bias"] = q_bias, v_bias
+        else:
+            state[lavis] = value
+    state.update(side or {})
+    return state
+
+
+_VISION_RENAMES = [("embeddings.class_embedding", "cls_token"), ("embeddings.position_embedding", "pos_embed"),
+                   ("embeddings.patch_embedding", "patch_embed.proj"), ("encoder.layers.", "blocks."),
+                   (".layer_norm1.", ".norm1."), (".layer_norm2.", ".norm2."), (".self_attn.projection.", ".attn.proj."),
+                   (".self_attn.qkv.", ".attn.qkv.")]
+_TOP_RENAMES = [("vision_projection.", "vision_proj."), ("text_projection.", "text_proj."),
+                ("embeddings.", "Qformer.bert.embeddings."), ("qformer.layernorm.", "Qformer.bert.embeddings.LayerNorm."),
+                ("qformer.", "Qformer.bert.")]
+
+
+def _lavis_to_hf_key(key):
+    if key.startswith("visual_encoder."):
+        key = key[len("visual_encoder."):]
+        for hf, lavis in _VISION_RENAMES:
+            key = key.replace(lavis, hf)
+        return "vision_model." + key
+    if key.startswith("ln_vision."):
+        return key.replace("ln_vision.", "vision_model.post_layernorm.")
+    if key.startswith("Qformer.bert.embeddings.LayerNorm."):
+        return key.replace("Qformer.bert.embeddings.LayerNorm.", "qformer.layernorm.")
+    if key.startswith("Qformer.bert.embeddings."):
+        return key.replace("Qformer.bert.embeddings.", "embeddings.")
+    if key.startswith("Qformer.bert."):
+        return key.replace("Qformer.bert.", "qformer.").replace(".self.", ".attention.")
+    for hf, lavis in _TOP_RENAMES[:2]:
+        if key.startswith(lavis):
+            return key.replace(lavis, hf)
+    return key
+
+
+def _hf_to_lavis_key(key):
+    if key.startswith("vision_model.post_layernorm."):
+        return key.replace("vision_model.post_layernorm.", "ln_vision.")
+    if key.startswith("vision_model."):
+        key = key[len("vision_model."):]
+        for hf, lavis in _VISION_RENAMES:
+            key = key.replace(hf, lavis)
+        return "visual_encoder." + key
+    for hf, lavis in _TOP_RENAMES:
+        if key.startswith(hf):
+            key = lavis + key[len(hf):]
+            return key.replace(".attention.attention.", ".attention.self.").replace(
+                ".crossattention.attention.", ".crossattention.self.")
+    return key
+
+
+def convert_main(argv=None):
+    """Convert checkpoint files between LAVIS's layout and transformers' Blip2ForImageTextRetrieval layout."""
+    import argparse
+
+    from utils import run_main
+
+    parser = argparse.ArgumentParser(description=convert_main.__doc__)
+    parser.add_argument("direction", choices=["to_hf", "from_hf"])
+    parser.add_argument("source", help="to_hf: a stage-1 checkpoint (.pth); from_hf: a transformers state dict (.pth)")
+    parser.add_argument("output", help="the converted state dict; to_hf also writes OUTPUT.side.pth (temp, LM head)")
+    parser.add_argument("--side", help="from_hf: the side file written by to_hf")
+    args = parser.parse_args(argv)
+
+    def convert():
+        state = load_checkpoint_file(args.source)
+        state = state.get("model", state)
+        if args.direction == "to_hf":
+            hf, side = to_hf_retrieval(state)
+            torch.save(hf, args.output)
+            torch.save(side, f"{args.output}.side.pth")
+        else:
+            side = load_checkpoint_file(args.side) if args.side else None
+            torch.save({"model": from_hf_retrieval(state, side)}, args.output)
+        print(f"wrote {args.output}")
+
+    run_main(convert)
+
+
+if __name__ == "__main__":
+    convert_main()

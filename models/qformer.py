@@ -1,0 +1,243 @@
+"""BLIP-2's Q-Former: a BERT whose learned query tokens cross-attend to image features.
+
+Key names follow `Qformer.*` of LAVIS's checkpoints (`bert.embeddings`, `bert.encoder.layer.{i}.attention`,
+`.crossattention`, `.intermediate`/`.output` for text, `.intermediate_query`/`.output_query` for queries,
+`cls.predictions`). Attention runs through `F.scaled_dot_product_attention` with boolean masks (True = attend),
+built by the three mask functions below.
+
+Queries [B, Q, H] are concatenated before the text embeddings (queries take no position embedding) and the
+sequence goes through the embedding LayerNorm. In every layer all positions self-attend (as the mask allows);
+query positions then cross-attend to the image (every `cross_attention_freq`-th layer) and take the query FFN,
+text positions take the text FFN.
+"""
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from models.med import (TEXT_SIZES, BertAttention, BertEmbeddings, BertIntermediate, BertOutput, BertSelfAttention,
+                        TextConfig, init_bert_weights)
+from utils import InputError, log
+
+
+@dataclass
+class QformerConfig(TextConfig):
+    vocab_size: int = 30523            # bert-base-uncased + [DEC]
+    encoder_width: int = 1408          # width of the image features (EVA ViT-g)
+    cross_attention_freq: int = 2      # layers 0, freq, 2 freq, ... cross-attend to the image
+
+
+QFORMER_SIZES = TEXT_SIZES
+
+
+# ----------------------------------------------------------------------------------------------------- masks
+
+def padding_mask(attention_mask):
+    """Bidirectional attention over the non-padding keys: [B, L] (1 = token) -> [B, 1, 1, L]."""
+    return attention_mask.bool()[:, None, None, :]
+
+
+def causal_mask_with_query_prefix(text_mask, num_query):
+    """ITG decoding over cached query keys: text row i attends every query and the text tokens j <= i that are not
+    padding. text_mask [B, L] -> [B, 1, L, num_query + L] (keys: the queries, then the text)."""
+    batch, length = text_mask.shape
+    causal = torch.ones(length, length, dtype=torch.bool, device=text_mask.device).tril()
+    keys = torch.cat([torch.ones(batch, num_query, dtype=torch.bool, device=text_mask.device), text_mask.bool()], 1)
+    prefix = torch.ones(length, num_query, dtype=torch.bool, device=text_mask.device)
+    return torch.cat([prefix, causal], 1)[None, None] & keys[:, None, None, :]
+
+
+def unilm_mask(num_query, text_mask):
+    """Queries and text in one pass (UniLM): query rows attend the queries only; text rows attend every query and
+    the text tokens j <= i that are not padding. text_mask [B, L] -> [B, 1, num_query + L, num_query + L]."""
+    batch = text_mask.shape[0]
+    text_rows = causal_mask_with_query_prefix(text_mask, num_query)
+    query_rows = torch.zeros(batch, 1, num_query, num_query + text_mask.shape[1], dtype=torch.bool,
+                             device=text_mask.device)
+    query_rows[..., :num_query] = True
+    return torch.cat([query_rows, text_rows], 2)
+
+
+# ---------------------------------------------------------------------------------------------------- layers
+
+class CachedSelfAttention(BertSelfAttention):
+    """Self-attention of x [B, L, H] whose keys/values may be prefixed by cached ones `past` ([B, h, P, d] each);
+    returns (output [B, L, H], (keys, values) including the cache)."""
+
+    def forward(self, x, mask=None, past=None):
+        q, k, v = self.split_heads(self.query(x)), self.split_heads(self.key(x)), self.split_heads(self.value(x))
+        if past is not None:
+            k, v = torch.cat([past[0], k], 2), torch.cat([past[1], v], 2)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
+                                             dropout_p=self.dropout_p if self.training else 0.0)
+        return out.transpose(1, 2).flatten(2), (k, v)
+
+
+class QformerAttention(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.self = CachedSelfAttention(config, config.hidden_size)
+        self.output = BertOutput(config, config.hidden_size)
+
+    def forward(self, x, mask=None, past=None):
+        out, present = self.self(x, mask, past)
+        return self.output(out, x), present
+
+
+class QformerLayer(nn.Module):
+    """Self-attention over queries and text -> [queries: cross-attention, query FFN | text: text FFN].
+
+    `text_ffn=False` drops the text FFN (the stage-2 model has no text input)."""
+
+    def __init__(self, config, cross_attention, text_ffn=True):
+        super().__init__()
+        self.attention = QformerAttention(config)
+        self.crossattention = BertAttention(config, config.encoder_width) if cross_attention else None
+        if text_ffn:
+            self.intermediate = BertIntermediate(config)
+            self.output = BertOutput(config, config.intermediate_size)
+        self.intermediate_query = BertIntermediate(config)
+        self.output_query = BertOutput(config, config.intermediate_size)
+
+    def forward(self, x, mask, num_query, image_embeds=None, past=None):
+        x, present = self.attention(x, mask, past)
+        if num_query == 0:
+            return self.output(self.intermediate(x), x), present
+        queries, text = x[:, :num_query], x[:, num_query:]
+        if self.crossattention is not None:
+            queries = self.crossattention(queries, image_embeds)
+        queries = self.output_query(self.intermediate_query(queries), queries)
+        if text.shape[1] == 0:
+            return queries, present
+        return torch.cat([queries, self.output(self.intermediate(text), text)], 1), present
+
+
+class QformerEmbeddings(BertEmbeddings):
+    """[queries [B, Q, H]; word + position embeddings of input_ids [B, L] from position `position_offset`]
+    -> LayerNorm -> dropout: [B, Q + L, H]. Either part may be absent."""
+
+    def forward(self, input_ids=None, query_embeds=None, position_offset=0):
+        parts = [] if query_embeds is None else [query_embeds]
+        if input_ids is not None:
+            positions = self.position_ids[:, position_offset:position_offset + input_ids.shape[1]]
+            parts.append(self.word_embeddings(input_ids) + self.position_embeddings(positions))
+        return self.dropout(self.LayerNorm(torch.cat(parts, 1) if len(parts) > 1 else parts[0]))
+
+
+class QformerModel(nn.Module):
+    """The Q-Former's BERT (`Qformer.bert`).
+
+    forward(input_ids [B, L] or None, query_embeds [B, Q, H] or None, mask (boolean, broadcastable to
+    [B, 1, Q + L, P + Q + L]) or None, image_embeds [B, N, encoder_width] (needed with queries), past (per-layer
+    cached keys/values of P earlier positions) or None, position_offset (position of the first text token))
+    -> (hidden states [B, Q + L, H], per-layer (keys, values) including `past`).
+    """
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.embeddings = QformerEmbeddings(config)
+        self.encoder = nn.Module()
+        self.encoder.layer = nn.ModuleList(QformerLayer(config, i % config.cross_attention_freq == 0)
+                                           for i in range(config.num_hidden_layers))
+
+    def forward(self, input_ids=None, query_embeds=None, mask=None, image_embeds=None, past=None, position_offset=0):
+        x = self.embeddings(input_ids, query_embeds, position_offset)
+        num_query = 0 if query_embeds is None else query_embeds.shape[1]
+        presents = []
+        for i, layer in enumerate(self.encoder.layer):
+            x, present = layer(x, mask, num_query, image_embeds, None if past is None else past[i])
+            presents.append(present)
+        return x, presents
+
+
+class BertLMPredictionHead(nn.Module):
+    """dense -> GELU -> LayerNorm -> decoder (weights tied to the word embeddings): [B, L, H] -> [B, L, V]."""
+
+    def __init__(self, config, word_embeddings):
+        super().__init__()
+        self.transform = nn.Module()
+        self.transform.dense = nn.Linear(config.hidden_size, config.hidden_size)
+        self.transform.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.decoder = nn.Linear(config.hidden_size, config.vocab_size)
+        self.decoder.weight = word_embeddings.weight
+        # BERT stores the output bias twice (`bias` and `decoder.bias`): one tensor under both names.
+        self.bias = self.decoder.bias
+
+    def forward(self, x):
+        x = self.transform.LayerNorm(F.gelu(self.transform.dense(x)))
+        return self.decoder(x)
+
+
+class Qformer(nn.Module):
+    """`Qformer.bert` (the encoder) and `Qformer.cls.predictions` (the LM head used for ITG and captioning)."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.bert = QformerModel(config)
+        self.cls = nn.Module()
+        self.cls.predictions = BertLMPredictionHead(config, self.bert.embeddings.word_embeddings)
+        self.apply(init_bert_weights)
+        nn.init.zeros_(self.cls.predictions.bias)
+        copy_text_ffn_to_query_ffn(self)
+
+    def lm_logits(self, hidden):
+        return self.cls.predictions(hidden)
+
+
+def copy_text_ffn_to_query_ffn(qformer):
+    """BLIP-2 starts the query FFN of every layer as a copy of the (BERT-initialised) text FFN."""
+    with torch.no_grad():
+        for layer in qformer.bert.encoder.layer:
+            layer.intermediate_query.load_state_dict(layer.intermediate.state_dict())
+            layer.output_query.load_state_dict(layer.output.state_dict())
+
+
+def build_qformer(size, vocab_size, encoder_width, cross_attention_freq=2, **overrides):
+    """A Q-Former of a named size (`tiny`, `base`) with BERT's initialisation."""
+    config = QformerConfig(vocab_size=vocab_size, encoder_width=encoder_width,
+                           cross_attention_freq=cross_attention_freq, **{**QFORMER_SIZES[size], **overrides})
+    return Qformer(config)
+
+
+def load_bert_weights(qformer, name_or_dir):
+    """Initialise the Q-Former from a BERT masked-LM checkpoint (hub name such as bert-base-uncased, or a local
+    directory in transformers' format), as BLIP-2 does: embeddings, self-attention, text FFN and LM head from BERT
+    (word embeddings and LM bias keep their extra rows, e.g. `[DEC]`, at their own initialisation), query FFN copied
+    from the text FFN, cross-attention left at its random initialisation. BERT's token-type embeddings and pooler
+    are not used."""
+    from transformers import BertForMaskedLM
+
+    try:
+        bert = BertForMaskedLM.from_pretrained(name_or_dir)
+    except OSError as e:
+        raise InputError(f"cannot load BERT weights '{name_or_dir}' ({e}). Offline, run `hf download {name_or_dir} "
+                         f"--local-dir /path/to/{os.path.basename(name_or_dir)}` on a machine with internet and set "
+                         "model.bert to that directory") from None
+    theirs = bert.state_dict()
+    ours = qformer.state_dict()
+    loaded = []
+    tied = ("cls.predictions.decoder.weight", "cls.predictions.decoder.bias")
+    with torch.no_grad():
+        for key, value in theirs.items():
+            if key not in ours or "_query" in key or key in tied:
+                continue
+            target = ours[key]
+            vocabulary_rows = key in ("bert.embeddings.word_embeddings.weight", "cls.predictions.bias")
+            if value.shape[1:] != target.shape[1:] or (value.shape[0] != target.shape[0] and not vocabulary_rows):
+                raise InputError(f"BERT '{name_or_dir}': {key} has shape {tuple(value.shape)}, the Q-Former "
+                                 f"{tuple(target.shape)}; set model.qformer to the size of that BERT")
+            if value.shape[0] > target.shape[0]:
+                raise InputError(f"BERT '{name_or_dir}' has {value.shape[0]} rows in {key}, the tokenizer only "
+                                 f"{target.shape[0]}: the tokenizer and BERT do not match")
+            target[:value.shape[0]].copy_(value)  # extra vocabulary rows ([DEC]) keep their initialisation
+            loaded.append(key)
+    copy_text_ffn_to_query_ffn(qformer)
+    missing = [k for k, _ in qformer.named_parameters(remove_duplicate=False) if k not in loaded
+               and "crossattention" not in k and "_query" not in k and k not in tied]
+    if missing:
+        raise InputError(f"BERT '{name_or_dir}' lacks {len(missing)} Q-Former tensors, e.g. {missing[:3]}")
+    log(f"Q-Former initialised from BERT '{name_or_dir}' ({len(loaded)} tensors)")
