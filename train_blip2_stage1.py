@@ -14,7 +14,6 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import Literal, Optional
 
-import torch
 
 from data.caption import CaptionDataset, CaptionSource, RetrievalDataset
 from data.loader import eval_loader, train_loader
@@ -24,10 +23,10 @@ from models.blip2_qformer import Blip2Qformer, load_checkpoint
 from models.eva_vit import load_vision_weights
 from models.qformer import load_bert_weights
 from models.tokenizer import init_tokenizer
-from utils import (InputError, TrainConfig, accumulation_steps, append_log, barrier, build_optimizer, build_scheduler,
-                   get_rank, grad_scaler, init_distributed, is_main_process, load_checkpoint_file, load_config, log,
-                   parse_args, restore_training_state, run_main, save_checkpoint, save_config, seed_everything,
-                   train_one_epoch, training_state, truncate_log, wrap_ddp)
+from utils import (TrainConfig, accumulation_steps, append_log, build_optimizer, build_scheduler, end_epoch, get_rank,
+                   grad_scaler, init_distributed, is_main_process, load_checkpoint_file, load_config, log, parse_args,
+                   resume_training, run_main, save_config, seed_everything, train_epoch, weights_to_evaluate,
+                   wrap_ddp, write_evaluation)
 
 
 @dataclass
@@ -139,19 +138,10 @@ def main(argv=None):
     evaluate = partial(evaluate_retrieval, tokenizer=tokenizer, device=device, amp=cfg.train.amp, k_test=e.k_test,
                        score=e.score, text_batch_size=e.text_batch_size, itm_batch_size=e.itm_batch_size,
                        max_length=e.max_txt_len)
-    best_path, last_path = (os.path.join(args.output_dir, f"checkpoint_{n}.pth") for n in ("best", "last"))
-
     if args.evaluate:
-        weights = args.checkpoint or (best_path if os.path.exists(best_path) else cfg.model.pretrained)
-        if weights is None:
-            raise InputError("--evaluate needs weights: pass --checkpoint or set model.pretrained")
-        load_checkpoint(model, weights)
-        stats = {f"{split}_{k}": v for split, loader in loaders.items()
-                 for k, v in evaluate(model, loader, header=split).items()}
-        log(json.dumps(stats))
-        if is_main_process():
-            with open(os.path.join(args.output_dir, "evaluate.txt"), "w") as f:
-                f.write(json.dumps(stats) + "\n")
+        load_checkpoint(model, weights_to_evaluate(args, cfg.model.pretrained))
+        write_evaluation(args.output_dir, {f"{split}_{k}": v for split, loader in loaders.items()
+                                           for k, v in evaluate(model, loader, header=split).items()})
         return
 
     d = cfg.data
@@ -165,13 +155,7 @@ def main(argv=None):
     scaler = grad_scaler(device, cfg.train.amp)
     start_epoch, best_r_mean = 0, -math.inf
     if args.resume:
-        if not os.path.exists(last_path):
-            raise InputError(f"--resume: {last_path} does not exist; run without --resume to start afresh")
-        start_epoch, best_r_mean = restore_training_state(load_checkpoint_file(last_path), model, optimizer,
-                                                          scheduler, scaler)
-        log(f"resumed from {last_path} at epoch {start_epoch}")
-        if is_main_process():
-            truncate_log(args.output_dir, start_epoch - 1)
+        start_epoch, best_r_mean = resume_training(args.output_dir, model, optimizer, scheduler, scaler)
     elif cfg.model.pretrained:
         load_checkpoint(model, cfg.model.pretrained)
     ddp_model = wrap_ddp(model, device)
@@ -179,31 +163,18 @@ def main(argv=None):
                       same_image_positives=cfg.model.same_image_positives, device=device)
 
     for epoch in range(start_epoch, cfg.train.epochs):
-        loader.sampler.set_epoch(epoch)
-        try:
-            train_stats = train_one_epoch(ddp_model, loader, loss_fn, optimizer, scheduler, scaler, epoch, cfg.train,
-                                          device, accum)
-        except FloatingPointError as e:
-            kept = f"{last_path} (epoch {epoch - 1}) is left as it was" if epoch else "no checkpoint was written"
-            raise FloatingPointError(f"{e}. Training stopped; {kept}. Lower train.lr, set train.grad_clip, or use "
-                                     "train.amp: bf16 in place of fp16") from None
+        train_stats = train_epoch(ddp_model, loader, loss_fn, optimizer, scheduler, scaler, epoch, cfg.train, device,
+                                  accum, args.output_dir)
         val = evaluate(model, loaders["val"], header=f"Val epoch {epoch}")
         stats = {"epoch": epoch, **{f"train_{k}": v for k, v in train_stats.items()},
                  **{f"val_{k}": v for k, v in val.items()}}
         improved = val["r_mean"] > best_r_mean
         best_r_mean = max(best_r_mean, val["r_mean"])
-        state = training_state(model, optimizer, scheduler, scaler, epoch, best_r_mean, cfg)
-        if is_main_process():
-            if improved:
-                save_checkpoint({"model": state["model"], "epoch": epoch, "val_r_mean": val["r_mean"],
-                                 "config": state["config"]}, best_path)
-            save_checkpoint(state, last_path)
-            append_log(args.output_dir, stats)
-        log(json.dumps(stats))
-        barrier()
+        end_epoch(args.output_dir, stats, improved, {"val_r_mean": val["r_mean"]}, model, optimizer, scheduler,
+                  scaler, epoch, best_r_mean, cfg)
 
     if "test" in loaders:
-        best = load_checkpoint_file(best_path)
+        best = load_checkpoint_file(os.path.join(args.output_dir, "checkpoint_best.pth"))
         model.load_state_dict(best["model"])
         test = {f"test_{k}": v for k, v in evaluate(model, loaders["test"], header="Test").items()}
         stats = {"best_epoch": best["epoch"], **test}

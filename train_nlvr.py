@@ -4,7 +4,6 @@
     python train_nlvr.py --config configs/nlvr.yaml --output_dir out --evaluate --checkpoint model_base_nlvr.pth
 """
 
-import json
 import math
 import os
 from dataclasses import dataclass, field
@@ -19,11 +18,10 @@ from data.nlvr import NLVRDataset
 from data.transforms import eval_transform, train_transform
 from models.blip_nlvr import BlipNLVR, load_checkpoint
 from models.tokenizer import init_tokenizer
-from utils import (InputError, MetricLogger, TrainConfig, accumulation_steps, all_reduce_sum, append_log, autocast, barrier,
-                   build_optimizer, build_scheduler, get_rank, grad_scaler, init_distributed, is_main_process,
-                   load_checkpoint_file, load_config, log, parse_args, restore_training_state, run_main,
-                   save_checkpoint, save_config, seed_everything, train_one_epoch, training_state, truncate_log,
-                   unwrap, wrap_ddp)
+from utils import (MetricLogger, TrainConfig, accumulation_steps, all_reduce_sum, autocast, build_optimizer,
+                   build_scheduler, end_epoch, get_rank, grad_scaler, init_distributed, is_main_process, load_config,
+                   log, parse_args, resume_training, run_main, save_config, seed_everything, train_epoch, unwrap,
+                   weights_to_evaluate, wrap_ddp, write_evaluation)
 
 
 @dataclass
@@ -128,17 +126,9 @@ def main(argv=None):
     evaluate_split = partial(evaluate, tokenizer=tokenizer, device=device, amp=cfg.train.amp)
 
     if args.evaluate:
-        best = os.path.join(args.output_dir, "checkpoint_best.pth")
-        weights = args.checkpoint or (best if os.path.exists(best) else cfg.model.pretrained)
-        if weights is None:
-            raise InputError("--evaluate needs weights: pass --checkpoint or set model.pretrained")
-        load_checkpoint(model, weights)
-        stats = {f"{split}_{k}": v for split, loader in loaders.items()
-                 for k, v in evaluate_split(model, loader, header=split).items()}
-        log(json.dumps(stats))
-        if is_main_process():
-            with open(os.path.join(args.output_dir, "evaluate.txt"), "w") as f:
-                f.write(json.dumps(stats) + "\n")
+        load_checkpoint(model, weights_to_evaluate(args, cfg.model.pretrained))
+        write_evaluation(args.output_dir, {f"{split}_{k}": v for split, loader in loaders.items()
+                                           for k, v in evaluate_split(model, loader, header=split).items()})
         return
 
     loader = train_loader(datasets["train"], cfg.train.batch_size, cfg.data.num_workers, cfg.train.seed, pin)
@@ -147,44 +137,24 @@ def main(argv=None):
     scheduler = build_scheduler(optimizer, cfg.train, steps_per_epoch=len(loader) // accum)
     scaler = grad_scaler(device, cfg.train.amp)
     start_epoch, best_acc = 0, -math.inf
-    last_path, best_path = (os.path.join(args.output_dir, f"checkpoint_{n}.pth") for n in ("last", "best"))
     if args.resume:
-        if not os.path.exists(last_path):
-            raise InputError(f"--resume: {last_path} does not exist; run without --resume to start afresh")
-        start_epoch, best_acc = restore_training_state(load_checkpoint_file(last_path), model, optimizer, scheduler,
-                                                       scaler)
-        log(f"resumed from {last_path} at epoch {start_epoch}")
-        if is_main_process():
-            truncate_log(args.output_dir, start_epoch - 1)
+        start_epoch, best_acc = resume_training(args.output_dir, model, optimizer, scheduler, scaler)
     elif cfg.model.pretrained:
         load_checkpoint(model, cfg.model.pretrained)
     ddp_model = wrap_ddp(model, device)
     loss_fn = partial(nlvr_loss, tokenizer=tokenizer, device=device)
 
     for epoch in range(start_epoch, cfg.train.epochs):
-        loader.sampler.set_epoch(epoch)
-        try:
-            train_stats = train_one_epoch(ddp_model, loader, loss_fn, optimizer, scheduler, scaler, epoch, cfg.train,
-                                          device, accum)
-        except FloatingPointError as e:
-            kept = f"{last_path} (epoch {epoch - 1}) is left as it was" if epoch else "no checkpoint was written"
-            raise FloatingPointError(f"{e}. Training stopped; {kept}. Lower train.lr, set train.grad_clip, or use "
-                                     "train.amp: bf16 in place of fp16") from None
+        train_stats = train_epoch(ddp_model, loader, loss_fn, optimizer, scheduler, scaler, epoch, cfg.train, device,
+                                  accum, args.output_dir)
         val_acc = evaluate_split(model, loaders["val"], header=f"Val epoch {epoch}")["acc"]
         test_acc = evaluate_split(model, loaders["test"], header=f"Test epoch {epoch}")["acc"]
         stats = {"epoch": epoch, **{f"train_{k}": v for k, v in train_stats.items()}, "val_acc": val_acc,
                  "test_acc": test_acc}
         improved = val_acc > best_acc
         best_acc = max(best_acc, val_acc)
-        state = training_state(model, optimizer, scheduler, scaler, epoch, best_acc, cfg)
-        if is_main_process():
-            if improved:
-                save_checkpoint({"model": state["model"], "epoch": epoch, "val_acc": val_acc,
-                                 "config": state["config"]}, best_path)
-            save_checkpoint(state, last_path)
-            append_log(args.output_dir, stats)
-        log(json.dumps(stats))
-        barrier()
+        end_epoch(args.output_dir, stats, improved, {"val_acc": val_acc}, model, optimizer, scheduler, scaler, epoch,
+                  best_acc, cfg)
     log(f"best val_acc {best_acc:.4f}")
 
 

@@ -579,6 +579,64 @@ def restore_training_state(ckpt, model, optimizer, scheduler, scaler):
     return ckpt["epoch"] + 1, ckpt["best_metric"]
 
 
+# ------------------------------------------------------------------------------------------- trainer plumbing
+
+def weights_to_evaluate(args, pretrained):
+    """--evaluate's weights: --checkpoint, else output_dir/checkpoint_best.pth, else model.pretrained."""
+    best = os.path.join(args.output_dir, "checkpoint_best.pth")
+    weights = args.checkpoint or (best if os.path.exists(best) else pretrained)
+    if weights is None:
+        raise InputError("--evaluate needs weights: pass --checkpoint or set model.pretrained")
+    return weights
+
+
+def write_evaluation(output_dir, stats):
+    """Print `stats` and write them to output_dir/evaluate.txt as one JSON object."""
+    log(json.dumps(stats))
+    if is_main_process():
+        with open(os.path.join(output_dir, "evaluate.txt"), "w") as f:
+            f.write(json.dumps(stats) + "\n")
+
+
+def resume_training(output_dir, model, optimizer, scheduler, scaler):
+    """Restore output_dir/checkpoint_last.pth; returns (first epoch to run, best metric so far). log.txt lines of
+    later epochs (a run that died before saving) are dropped."""
+    path = os.path.join(output_dir, "checkpoint_last.pth")
+    if not os.path.exists(path):
+        raise InputError(f"--resume: {path} does not exist; run without --resume to start afresh")
+    start_epoch, best_metric = restore_training_state(load_checkpoint_file(path), model, optimizer, scheduler, scaler)
+    log(f"resumed from {path} at epoch {start_epoch}")
+    if is_main_process():
+        truncate_log(output_dir, start_epoch - 1)
+    return start_epoch, best_metric
+
+
+def train_epoch(model, loader, loss_fn, optimizer, scheduler, scaler, epoch, cfg, device, accum_steps, output_dir):
+    """train_one_epoch, with a diverged loss explained in terms of the checkpoints on disk."""
+    loader.sampler.set_epoch(epoch)
+    try:
+        return train_one_epoch(model, loader, loss_fn, optimizer, scheduler, scaler, epoch, cfg, device, accum_steps)
+    except FloatingPointError as e:
+        last = os.path.join(output_dir, "checkpoint_last.pth")
+        kept = f"{last} (epoch {epoch - 1}) is left as it was" if epoch else "no checkpoint was written"
+        raise FloatingPointError(f"{e}. Training stopped; {kept}. Lower train.lr, set train.grad_clip, or use "
+                                 "train.amp: bf16 in place of fp16") from None
+
+
+def end_epoch(output_dir, stats, improved, best_extra, model, optimizer, scheduler, scaler, epoch, best_metric, cfg):
+    """Save checkpoint_last.pth (everything --resume needs) and, when `improved`, checkpoint_best.pth (weights,
+    epoch, config and `best_extra`); append `stats` to log.txt. Call on every rank."""
+    state = training_state(model, optimizer, scheduler, scaler, epoch, best_metric, cfg)
+    if is_main_process():
+        if improved:
+            save_checkpoint({"model": state["model"], "epoch": epoch, **best_extra, "config": state["config"]},
+                            os.path.join(output_dir, "checkpoint_best.pth"))
+        save_checkpoint(state, os.path.join(output_dir, "checkpoint_last.pth"))
+        append_log(output_dir, stats)
+    log(json.dumps(stats))
+    barrier()
+
+
 def run_main(main):
     """Call `main()`; bad input (exit status 2) and a diverged loss (status 1) end with a message, no traceback."""
     try:

@@ -13,8 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from models.eva_vit import create_vision_encoder, freeze_vision_encoder, load_vision_weights
-from models.qformer import (build_qformer, causal_mask_with_query_prefix, load_bert_weights, padding_mask,
-                            unilm_mask)
+from models.qformer import build_qformer, causal_mask_with_query_prefix, padding_mask, unilm_mask
 from utils import (InputError, all_gather_no_grad, all_gather_with_grad, all_reduce_sum, get_rank, get_world_size,
                    load_checkpoint_file, log)
 

@@ -139,10 +139,13 @@ def file_bytes(root):
     return {p.relative_to(root): p.read_bytes() for p in root.rglob("*") if p.is_file()}
 
 
+SMALL_CAPTIONS = dict(num_caption_train=6, num_caption_val=3, num_caption_test=3)
+
+
 def test_generator_is_deterministic(tmp_path):
-    synthetic.generate(str(tmp_path / "a"), seed=3, num_train=4, num_val=2, num_test=2)
-    synthetic.generate(str(tmp_path / "b"), seed=3, num_train=4, num_val=2, num_test=2)
-    synthetic.generate(str(tmp_path / "c"), seed=4, num_train=4, num_val=2, num_test=2)
+    synthetic.generate(str(tmp_path / "a"), seed=3, num_train=4, num_val=2, num_test=2, **SMALL_CAPTIONS)
+    synthetic.generate(str(tmp_path / "b"), seed=3, num_train=4, num_val=2, num_test=2, **SMALL_CAPTIONS)
+    synthetic.generate(str(tmp_path / "c"), seed=4, num_train=4, num_val=2, num_test=2, **SMALL_CAPTIONS)
     assert file_bytes(tmp_path / "a") == file_bytes(tmp_path / "b")
     assert file_bytes(tmp_path / "a") != file_bytes(tmp_path / "c")
 

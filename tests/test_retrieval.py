@@ -21,13 +21,10 @@ MAX_LENGTH = 35  # evaluate_retrieval's default
 
 def brute_rank(row, targets):
     """Position of the best-placed target when `row` is sorted by descending score: the number of entries that
-    score strictly higher than it, plus, for equal scores only (the -inf of pairs left out of the re-ranking), those
-    with a smaller index. Without ties: how many entries score strictly higher than the best target."""
-    best = None
-    for g in targets:
-        position = sum(1 for u, s in enumerate(row) if s > row[g] or (s == row[g] and u < g))
-        best = position if best is None else min(best, position)
-    return best
+    score strictly higher than it. A target scored -inf (left out of the re-ranking) is never found: it counts as
+    placed after every entry."""
+    positions = [sum(1 for s in row if s > row[g]) for g in targets if row[g] > -np.inf]
+    return min(positions, default=len(row))
 
 
 def brute_metrics(scores_i2t, scores_t2i, img2txt, txt2img):
