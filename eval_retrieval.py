@@ -23,7 +23,7 @@ def retrieval_metrics(scores_i2t, scores_t2i, img2txt, txt2img):
     metrics = {}
     for name, ranks in (("txt", text_rank), ("img", image_rank)):
         for k in (1, 5, 10):
-            metrics[f"{name}_r{k}"] = 100.0 * (ranks < k).float().mean().item()
+            metrics[f"{name}_r{k}"] = 100.0 * (ranks < k).sum().item() / len(ranks)
         metrics[f"{name}_r_mean"] = sum(metrics[f"{name}_r{k}"] for k in (1, 5, 10)) / 3
     metrics["r_mean"] = (metrics["txt_r_mean"] + metrics["img_r_mean"]) / 2
     return metrics

@@ -93,7 +93,8 @@ def build_model(cfg, tokenizer):
                          cross_attention_freq=cfg.cross_attention_freq, embed_dim=cfg.embed_dim,
                          clamp_temp=cfg.clamp_temp)
     if cfg.vit_pretrained:
-        load_vision_weights(model.visual_encoder, load_checkpoint_file(cfg.vit_pretrained))
+        state = load_checkpoint_file(cfg.vit_pretrained)
+        load_vision_weights(model.visual_encoder, state.get("model", state))
     if cfg.bert:
         load_bert_weights(model.Qformer, cfg.bert)
     return model

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from PIL import Image
 from torch.utils.data import Dataset
 
-from data.utils import _find_bad_images, check_image_files, pre_caption, read_annotation
+from data.utils import check_image_files, find_bad_images, pre_caption, read_annotation
 from utils import InputError, broadcast_from_main
 
 
@@ -155,7 +155,7 @@ def _check_fields(entry, where, expected):
 
 def _require_images(paths, ann_file, image_root):
     # Unlike training data, an evaluation set is never thinned: its scores would no longer compare with others.
-    bad = dict(broadcast_from_main(lambda: _find_bad_images(sorted(set(paths)))))
+    bad = dict(broadcast_from_main(lambda: find_bad_images(sorted(set(paths)))))
     if bad:
         first = "; ".join(f"{path} ({reason})" for path, reason in list(bad.items())[:5])
         raise InputError(f"{ann_file}: {len(bad)} of {len(set(paths))} images are missing or unreadable under "

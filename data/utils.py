@@ -41,7 +41,7 @@ def check_image_files(entries, image_paths, ann_file, image_root, skip_missing):
     use them are dropped with a warning.
     """
     paths = sorted({p for entry in entries for p in image_paths(entry)})
-    bad = dict(broadcast_from_main(lambda: _find_bad_images(paths)))
+    bad = dict(broadcast_from_main(lambda: find_bad_images(paths)))
     if not bad:
         return entries
     first = "; ".join(f"{path} ({reason})" for path, reason in list(bad.items())[:5])
@@ -55,7 +55,8 @@ def check_image_files(entries, image_paths, ann_file, image_root, skip_missing):
     return kept
 
 
-def _find_bad_images(paths):
+def find_bad_images(paths):
+    """[(path, "missing" | "unreadable: ..."), ...] for the paths that cannot be opened (headers only, threaded)."""
     def check(path):
         try:
             with Image.open(path):

@@ -34,8 +34,7 @@ class Blip2Qformer(nn.Module):
 
     def __init__(self, token_ids, vision="eva_vit_g", image_size=224, patch_size=None, freeze_vit=True,
                  vit_precision="fp16", drop_path_rate=0.0, vit_grad_ckpt_layers=0, qformer="base", vocab_size=30523,
-                 num_query_tokens=32, cross_attention_freq=2, embed_dim=256, clamp_temp=False, ln_vision_eps=1e-5,
-                 qformer_overrides=None):
+                 num_query_tokens=32, cross_attention_freq=2, embed_dim=256, clamp_temp=False, ln_vision_eps=1e-5):
         super().__init__()
         self.token_ids = token_ids
         self.visual_encoder = create_vision_encoder(vision, image_size, drop_path_rate, vit_grad_ckpt_layers,
@@ -44,7 +43,7 @@ class Blip2Qformer(nn.Module):
             freeze_vision_encoder(self.visual_encoder, PRECISIONS[vit_precision])
         width = self.visual_encoder.num_features
         self.ln_vision = nn.LayerNorm(width, eps=ln_vision_eps)
-        self.Qformer = build_qformer(qformer, vocab_size, width, cross_attention_freq, **(qformer_overrides or {}))
+        self.Qformer = build_qformer(qformer, vocab_size, width, cross_attention_freq)
         hidden = self.Qformer.bert.config.hidden_size
         self.query_tokens = nn.Parameter(torch.randn(1, num_query_tokens, hidden) * 0.02)
         self.vision_proj = nn.Linear(hidden, embed_dim)
