@@ -7,7 +7,7 @@ ITM "match" logit; final score ITM + ITC (or ITM only, or ITC only). Recall@1/5/
 
 import torch
 
-from utils import InputError, MetricLogger, all_gather_no_grad, all_reduce_sum, autocast, get_rank, get_world_size, unwrap
+from utils import AMP_DTYPES, InputError, MetricLogger, all_gather_no_grad, all_reduce_sum, autocast, get_rank, get_world_size, unwrap
 
 
 def retrieval_metrics(scores_i2t, scores_t2i, img2txt, txt2img):
@@ -70,8 +70,7 @@ def evaluate_retrieval(model, loader, tokenizer, device, amp="off", k_test=256, 
         for images, index in MetricLogger().log_every(loader, 50, f"{header} images"):
             embeds = model.image_embeddings(images.to(device, non_blocking=True))
             local_feats.append(model.image_features(embeds).float())
-            local_embeds.append(embeds.to(torch.bfloat16 if amp == "bf16" else torch.float16 if amp == "fp16"
-                                          else embeds.dtype))
+            local_embeds.append(embeds.to(AMP_DTYPES[amp] or embeds.dtype))
             local_index.append(index.to(device))
     local_index, local_embeds = torch.cat(local_index), torch.cat(local_embeds)
     image_feats = _unshard(torch.cat(local_feats), len(dataset))

@@ -23,8 +23,8 @@ from dataclasses import dataclass
 from PIL import Image
 from torch.utils.data import Dataset
 
-from data.utils import check_image_files, find_bad_images, pre_caption, read_annotation
-from utils import InputError, broadcast_from_main
+from data.utils import check_image_files, pre_caption, read_annotation
+from utils import InputError
 
 
 @dataclass
@@ -76,7 +76,8 @@ class RetrievalDataset(Dataset):
         if not entries:
             raise InputError(f"{ann_file} has no examples")
         self.image_paths = [os.path.join(image_root, entry["image"]) for entry in entries]
-        _require_images(self.image_paths, ann_file, image_root)
+        check_image_files(self.image_paths, lambda path: [path], ann_file, image_root, skip_missing=False,
+                          skippable=False)
         self.image_ids = _unique_image_ids(entries, ann_file)
         self.text, self.img2txt, self.txt2img = [], [], []
         for image, entry in enumerate(entries):
@@ -151,16 +152,6 @@ def _check_fields(entry, where, expected):
             raise InputError(f"{where}: missing field '{field}'")
     if not isinstance(entry["image"], str):
         raise InputError(f"{where}: 'image' must be an image path; got {entry['image']!r:.80}")
-
-
-def _require_images(paths, ann_file, image_root):
-    # Unlike training data, an evaluation set is never thinned: its scores would no longer compare with others.
-    bad = dict(broadcast_from_main(lambda: find_bad_images(sorted(set(paths)))))
-    if bad:
-        first = "; ".join(f"{path} ({reason})" for path, reason in list(bad.items())[:5])
-        raise InputError(f"{ann_file}: {len(bad)} of {len(set(paths))} images are missing or unreadable under "
-                         f"image_root {image_root}, e.g. {first}. Fix the image_root or the files; an evaluation "
-                         f"set must be complete (skip_missing_images does not apply to it)")
 
 
 def _unique_image_ids(entries, ann_file):

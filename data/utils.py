@@ -33,29 +33,31 @@ def read_annotation(path):
     return entries
 
 
-def check_image_files(entries, image_paths, ann_file, image_root, skip_missing):
+def check_image_files(entries, image_paths, ann_file, image_root, skip_missing, skippable=True):
     """Entries whose images (`image_paths(entry)` -> list of paths) can all be opened.
 
     Every distinct file is checked once, on rank 0 (header only, so the check stays fast). Missing or unreadable
     files raise one InputError with their count and the first few, unless `skip_missing`: then the entries that
-    use them are dropped with a warning.
+    use them are dropped with a warning. `skippable=False` is for evaluation sets, which are never thinned (their
+    scores would no longer compare with others').
     """
     paths = sorted({p for entry in entries for p in image_paths(entry)})
-    bad = dict(broadcast_from_main(lambda: find_bad_images(paths)))
+    bad = dict(broadcast_from_main(lambda: _find_bad_images(paths)))
     if not bad:
         return entries
     first = "; ".join(f"{path} ({reason})" for path, reason in list(bad.items())[:5])
     if not skip_missing:
+        fix = ("or set data.skip_missing_images: true to drop the examples that use them" if skippable else
+               "an evaluation set must be complete (skip_missing_images does not apply to it)")
         raise InputError(f"{ann_file}: {len(bad)} of {len(paths)} images are missing or unreadable under "
-                         f"image_root {image_root}, e.g. {first}. Fix data.image_root or the files, or set "
-                         f"data.skip_missing_images: true to drop the examples that use them")
+                         f"image_root {image_root}, e.g. {first}. Fix data.image_root or the files; {fix}")
     kept = [entry for entry in entries if not any(p in bad for p in image_paths(entry))]
     log(f"warning: {ann_file}: skipping {len(entries) - len(kept)} of {len(entries)} examples whose images are "
         f"missing or unreadable ({len(bad)} files, e.g. {first})")
     return kept
 
 
-def find_bad_images(paths):
+def _find_bad_images(paths):
     """[(path, "missing" | "unreadable: ..."), ...] for the paths that cannot be opened (headers only, threaded)."""
     def check(path):
         try:

@@ -8,14 +8,17 @@ Shapes: images [B, 3, S, S]; text ids and attention mask [B, L] starting with [C
 (after ln_vision); query outputs [B, Q, H]; features [B, Q, E] (image) and [B, E] (text), L2-normalised.
 """
 
+import argparse
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from models.eva_vit import create_vision_encoder, freeze_vision_encoder, load_vision_weights
+from models.generation import beam_search, nucleus_sampling
 from models.qformer import build_qformer, causal_mask_with_query_prefix, padding_mask, unilm_mask
 from utils import (InputError, all_gather_no_grad, all_gather_with_grad, all_reduce_sum, get_rank, get_world_size,
-                   load_checkpoint_file, log)
+                   load_checkpoint_file, log, run_main)
 
 CHECKPOINT_URLS = {
     "pretrain": "https://storage.googleapis.com/sfr-vision-language-research/LAVIS/models/BLIP2/blip2_pretrained.pth",
@@ -147,8 +150,6 @@ class Blip2Qformer(nn.Module):
                  repetition_penalty=1.0, length_penalty=1.0, use_nucleus_sampling=False):
         """Captions from the ITG decoder: token ids [B, T] after [DEC] (eos and padding included). Beam search, or
         nucleus sampling with `top_p` (one sample per image)."""
-        from models.generation import beam_search, nucleus_sampling
-
         image_embeds = self.image_embeddings(images)
         queries = self.query_tokens.expand(image_embeds.shape[0], -1, -1)
         bos = torch.full((images.shape[0], 1), self.token_ids["bos"], device=images.device)
@@ -337,10 +338,6 @@ def _hf_to_lavis_key(key):
 
 def convert_main(argv=None):
     """Convert checkpoint files between LAVIS's layout and transformers' Blip2ForImageTextRetrieval layout."""
-    import argparse
-
-    from utils import run_main
-
     parser = argparse.ArgumentParser(description=convert_main.__doc__)
     parser.add_argument("direction", choices=["to_hf", "from_hf"])
     parser.add_argument("source", help="to_hf: a stage-1 checkpoint (.pth); from_hf: a transformers state dict (.pth)")

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from transformers import BertForMaskedLM
 
 from models.med import (TEXT_SIZES, BertAttention, BertEmbeddings, BertIntermediate, BertOutput, BertSelfAttention,
                         TextConfig, init_bert_weights)
@@ -209,8 +210,6 @@ def load_bert_weights(qformer, name_or_dir):
     (word embeddings and LM bias keep their extra rows, e.g. `[DEC]`, at their own initialisation), query FFN copied
     from the text FFN, cross-attention left at its random initialisation. BERT's token-type embeddings and pooler
     are not used."""
-    from transformers import BertForMaskedLM
-
     try:
         bert = BertForMaskedLM.from_pretrained(name_or_dir)
     except OSError as e:

@@ -1,3 +1,4 @@
+import json
 import os
 import subprocess
 import sys
@@ -47,6 +48,11 @@ eval:
   batch_size: 4
 """)
     return path
+
+
+def read_log(out):
+    """The JSON objects of out/log.txt."""
+    return [json.loads(line) for line in (out / "log.txt").read_text().splitlines()]
 
 
 def run_script(*args, env=None, check=True, timeout=600):

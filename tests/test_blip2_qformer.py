@@ -50,7 +50,7 @@ def test_two_processes_give_the_losses_and_gradients_of_one(tmp_path, no_image_i
     flag = ["--no_image_ids"] if no_image_ids else []
     run_script("tests/stage1_ddp.py", "--out", tmp_path / "one.pt", *flag)
     run_script(*TORCHRUN, "tests/stage1_ddp.py", "--out", tmp_path / "two.pt", *flag)
-    one, two = torch.load(tmp_path / "one.pt"), torch.load(tmp_path / "two.pt")
+    one, two = (torch.load(tmp_path / name, weights_only=True) for name in ("one.pt", "two.pt"))
     for name, value in one["losses"].items():
         torch.testing.assert_close(two["losses"][name], value, atol=1e-5, rtol=1e-5, msg=name)
     assert one["grads"].keys() == two["grads"].keys()
@@ -201,10 +201,11 @@ def test_conversion_command_round_trips(tmp_path):
     torch.save({"model": state}, tmp_path / "lavis.pth")
     run_script("-m", "models.blip2_qformer", "to_hf", tmp_path / "lavis.pth", tmp_path / "hf.pth")
     hf, _ = hf_pair()
-    hf.load_state_dict(torch.load(tmp_path / "hf.pth"), strict=False)
-    assert set(torch.load(tmp_path / "hf.pth")) == {k for k in hf.state_dict() if not k.endswith("position_ids")}
+    converted = torch.load(tmp_path / "hf.pth", weights_only=True)
+    hf.load_state_dict(converted, strict=False)
+    assert set(converted) == {k for k in hf.state_dict() if not k.endswith("position_ids")}
     run_script("-m", "models.blip2_qformer", "from_hf", tmp_path / "hf.pth", tmp_path / "back.pth",
                "--side", tmp_path / "hf.pth.side.pth")
-    back = torch.load(tmp_path / "back.pth")["model"]
+    back = torch.load(tmp_path / "back.pth", weights_only=True)["model"]
     assert set(back) == {k for k in state if not k.endswith("position_ids")}
     assert all(torch.equal(back[k], state[k]) for k in back)

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from transformers.generation.logits_process import RepetitionPenaltyLogitsProcessor
 
-import models.generation as generation
+import models.blip2_qformer as blip2_qformer
 from models.blip2_qformer import Blip2Qformer
 from models.generation import apply_repetition_penalty, beam_search, nucleus_sampling
 from models.qformer import causal_mask_with_query_prefix, unilm_mask
@@ -62,7 +62,7 @@ def capture_search(model, images, monkeypatch, name="beam_search"):
         captured.update(kwargs)
         return torch.zeros(images.shape[0], 1, dtype=torch.long)
 
-    monkeypatch.setattr(generation, name, fake)
+    monkeypatch.setattr(blip2_qformer, name, fake)  # the search generate() calls
     model.generate(images)
     monkeypatch.undo()
     return captured

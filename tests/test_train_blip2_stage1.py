@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import train_blip2_stage1
-from tests.conftest import run_script
+from tests.conftest import read_log, run_script
 from utils import InputError
 
 
@@ -52,10 +52,6 @@ def train(config, out, *options, evaluate=False, resume=False):
     args = ["--config", str(config), "--output_dir", str(out), "--device", "cpu"]
     args += (["--evaluate"] if evaluate else []) + (["--resume"] if resume else [])
     train_blip2_stage1.main(args + (["--options", *options] if options else []))
-
-
-def read_log(out):
-    return [json.loads(line) for line in (out / "log.txt").read_text().splitlines()]
 
 
 def test_train_keeps_the_best_by_val_retrieval_and_evaluate_reproduces_it(demo_data, tmp_path):

@@ -5,16 +5,12 @@ import torch
 
 import train_nlvr
 from utils import InputError
-from tests.conftest import nlvr_config, run_script
+from tests.conftest import nlvr_config, read_log, run_script
 
 
 def train(config, out, *options, evaluate=False):
     args = ["--config", str(config), "--output_dir", str(out), "--device", "cpu"]
     train_nlvr.main(args + (["--evaluate"] if evaluate else []) + (["--options", *options] if options else []))
-
-
-def read_log(out):
-    return [json.loads(line) for line in (out / "log.txt").read_text().splitlines()]
 
 
 def test_train_then_evaluate(demo_data, tmp_path):
