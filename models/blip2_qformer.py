@@ -253,27 +253,35 @@ def to_hf_retrieval(state):
     """LAVIS stage-1 state dict -> (transformers Blip2ForImageTextRetrieval state dict, side dict).
 
     The side dict holds what that layout has no place for: `temp` and the ITG LM head `Qformer.cls.*`."""
-    hf, side = {}, {}
-    for key, value in state.items():
-        if key.startswith(HF_SIDE_KEYS):
-            side[key] = value
-        elif key.endswith("position_ids") or key.endswith(("attn.q_bias", "attn.v_bias")):
-            continue
-        else:
-            hf[_lavis_to_hf_key(key)] = value
-    for key in state:
-        if key.endswith("attn.q_bias"):
-            prefix = key[:-len("attn.q_bias")]
-            q_bias, v_bias = state[key], state[prefix + "attn.v_bias"]
-            hf[_lavis_to_hf_key(prefix + "attn.qkv.bias")] = torch.cat([q_bias, torch.zeros_like(q_bias), v_bias])
-    if any(k.startswith("visual_encoder.transformer.") for k in state):
-        raise InputError("transformers' BLIP-2 layout has no CLIP ViT-L image encoder; only EVA ViT-g converts")
-    return hf, side
+    side = {k: v for k, v in state.items() if k.startswith(HF_SIDE_KEYS)}
+    return lavis_to_hf({k: v for k, v in state.items() if k not in side}), side
 
 
 def from_hf_retrieval(hf, side=None):
-    """Inverse of `to_hf_retrieval`; `side` (temp, Qformer.cls.*) is merged in when given. A non-zero key bias (which
-    EVA does not have) is an error."""
+    """Inverse of `to_hf_retrieval`; `side` (temp, Qformer.cls.*) is merged in when given."""
+    return {**hf_to_lavis(hf), **(side or {})}
+
+
+def lavis_to_hf(state):
+    """Rename a LAVIS BLIP-2 state dict (`blip2`, `blip2_opt`) to transformers' BLIP-2 layout; EVA's q/v biases
+    become one qkv bias with a zero key part. CHECKPOINTS.md lists the renames."""
+    if any(k.startswith("visual_encoder.transformer.") for k in state):
+        raise InputError("transformers' BLIP-2 layout has no CLIP ViT-L image encoder; only EVA ViT-g converts")
+    hf = {}
+    for key, value in state.items():
+        if key.endswith("position_ids") or key.endswith("attn.v_bias"):
+            continue
+        if key.endswith("attn.q_bias"):
+            prefix = key[:-len("attn.q_bias")]
+            q_bias, v_bias = value, state[prefix + "attn.v_bias"]
+            hf[_lavis_to_hf_key(prefix + "attn.qkv.bias")] = torch.cat([q_bias, torch.zeros_like(q_bias), v_bias])
+        else:
+            hf[_lavis_to_hf_key(key)] = value
+    return hf
+
+
+def hf_to_lavis(hf):
+    """Inverse of `lavis_to_hf`. A non-zero key bias (which EVA does not have) is an error."""
     state = {}
     for key, value in hf.items():
         if key.endswith("position_ids"):
@@ -287,7 +295,6 @@ def from_hf_retrieval(hf, side=None):
             state[prefix + "q_bias"], state[prefix + "v_bias"] = q_bias, v_bias
         else:
             state[lavis] = value
-    state.update(side or {})
     return state
 
 
@@ -295,9 +302,11 @@ _VISION_RENAMES = [("embeddings.class_embedding", "cls_token"), ("embeddings.pos
                    ("embeddings.patch_embedding", "patch_embed.proj"), ("encoder.layers.", "blocks."),
                    (".layer_norm1.", ".norm1."), (".layer_norm2.", ".norm2."), (".self_attn.projection.", ".attn.proj."),
                    (".self_attn.qkv.", ".attn.qkv.")]
-_TOP_RENAMES = [("vision_projection.", "vision_proj."), ("text_projection.", "text_proj."),
-                ("embeddings.", "Qformer.bert.embeddings."), ("qformer.layernorm.", "Qformer.bert.embeddings.LayerNorm."),
-                ("qformer.", "Qformer.bert.")]
+# (transformers prefix, LAVIS prefix) of the parts outside the image encoder, most specific first.
+_PREFIX_RENAMES = [("vision_model.post_layernorm.", "ln_vision."), ("qformer.layernorm.", "Qformer.bert.embeddings.LayerNorm."),
+                   ("embeddings.", "Qformer.bert.embeddings."), ("qformer.", "Qformer.bert."),
+                   ("vision_projection.", "vision_proj."), ("text_projection.", "text_proj."),
+                   ("language_projection.", "opt_proj."), ("language_model.", "opt_model.")]
 
 
 def _lavis_to_hf_key(key):
@@ -306,29 +315,20 @@ def _lavis_to_hf_key(key):
         for hf, lavis in _VISION_RENAMES:
             key = key.replace(lavis, hf)
         return "vision_model." + key
-    if key.startswith("ln_vision."):
-        return key.replace("ln_vision.", "vision_model.post_layernorm.")
-    if key.startswith("Qformer.bert.embeddings.LayerNorm."):
-        return key.replace("Qformer.bert.embeddings.LayerNorm.", "qformer.layernorm.")
-    if key.startswith("Qformer.bert.embeddings."):
-        return key.replace("Qformer.bert.embeddings.", "embeddings.")
-    if key.startswith("Qformer.bert."):
-        return key.replace("Qformer.bert.", "qformer.").replace(".self.", ".attention.")
-    for hf, lavis in _TOP_RENAMES[:2]:
+    for hf, lavis in _PREFIX_RENAMES:
         if key.startswith(lavis):
-            return key.replace(lavis, hf)
+            key = hf + key[len(lavis):]
+            return key.replace(".self.", ".attention.") if lavis == "Qformer.bert." else key
     return key
 
 
 def _hf_to_lavis_key(key):
-    if key.startswith("vision_model.post_layernorm."):
-        return key.replace("vision_model.post_layernorm.", "ln_vision.")
-    if key.startswith("vision_model."):
+    if key.startswith("vision_model.") and not key.startswith("vision_model.post_layernorm."):
         key = key[len("vision_model."):]
         for hf, lavis in _VISION_RENAMES:
             key = key.replace(hf, lavis)
         return "visual_encoder." + key
-    for hf, lavis in _TOP_RENAMES:
+    for hf, lavis in _PREFIX_RENAMES:
         if key.startswith(hf):
             key = lavis + key[len(hf):]
             return key.replace(".attention.attention.", ".attention.self.").replace(

@@ -19,7 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from transformers import BertForMaskedLM
 
-from models.med import (TEXT_SIZES, BertAttention, BertEmbeddings, BertIntermediate, BertOutput, BertSelfAttention,
+from models.med import (TEXT_SIZES, BertAttention, BertIntermediate, BertOutput, BertSelfAttention,
                         TextConfig, init_bert_weights)
 from utils import InputError, log
 
@@ -29,6 +29,7 @@ class QformerConfig(TextConfig):
     vocab_size: int = 30523            # bert-base-uncased + [DEC]
     encoder_width: int = 1408          # width of the image features (EVA ViT-g)
     cross_attention_freq: int = 2      # layers 0, freq, 2 freq, ... cross-attend to the image
+    text_input: bool = True            # False: queries only (stage 2): no word/position embeddings, text FFN, LM head
 
 
 QFORMER_SIZES = TEXT_SIZES
@@ -116,9 +117,20 @@ class QformerLayer(nn.Module):
         return torch.cat([queries, self.output(self.intermediate(text), text)], 1), present
 
 
-class QformerEmbeddings(BertEmbeddings):
+class QformerEmbeddings(nn.Module):
     """[queries [B, Q, H]; word + position embeddings of input_ids [B, L] from position `position_offset`]
-    -> LayerNorm -> dropout: [B, Q + L, H]. Either part may be absent."""
+    -> LayerNorm -> dropout: [B, Q + L, H]. Either part may be absent; without `text_input` there are no word and
+    position embeddings (LAVIS's stage-2 Q-Former)."""
+
+    def __init__(self, config):
+        super().__init__()
+        if config.text_input:
+            self.word_embeddings = nn.Embedding(config.vocab_size, config.hidden_size)
+            self.position_embeddings = nn.Embedding(config.max_position_embeddings, config.hidden_size)
+            # A persistent buffer only because the original checkpoints store it.
+            self.register_buffer("position_ids", torch.arange(config.max_position_embeddings).unsqueeze(0))
+        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
 
     def forward(self, input_ids=None, query_embeds=None, position_offset=0):
         parts = [] if query_embeds is None else [query_embeds]
@@ -142,8 +154,8 @@ class QformerModel(nn.Module):
         self.config = config
         self.embeddings = QformerEmbeddings(config)
         self.encoder = nn.Module()
-        self.encoder.layer = nn.ModuleList(QformerLayer(config, i % config.cross_attention_freq == 0)
-                                           for i in range(config.num_hidden_layers))
+        self.encoder.layer = nn.ModuleList(QformerLayer(config, i % config.cross_attention_freq == 0,
+                                                        config.text_input) for i in range(config.num_hidden_layers))
 
     def forward(self, input_ids=None, query_embeds=None, mask=None, image_embeds=None, past=None, position_offset=0):
         x = self.embeddings(input_ids, query_embeds, position_offset)
@@ -174,16 +186,19 @@ class BertLMPredictionHead(nn.Module):
 
 
 class Qformer(nn.Module):
-    """`Qformer.bert` (the encoder) and `Qformer.cls.predictions` (the LM head used for ITG and captioning)."""
+    """`Qformer.bert` (the encoder) and, with `text_input`, `Qformer.cls.predictions` (the LM head used for ITG and
+    captioning)."""
 
     def __init__(self, config):
         super().__init__()
         self.bert = QformerModel(config)
-        self.cls = nn.Module()
-        self.cls.predictions = BertLMPredictionHead(config, self.bert.embeddings.word_embeddings)
+        if config.text_input:
+            self.cls = nn.Module()
+            self.cls.predictions = BertLMPredictionHead(config, self.bert.embeddings.word_embeddings)
         self.apply(init_bert_weights)
-        nn.init.zeros_(self.cls.predictions.bias)
-        copy_text_ffn_to_query_ffn(self)
+        if config.text_input:
+            nn.init.zeros_(self.cls.predictions.bias)
+            copy_text_ffn_to_query_ffn(self)
 
     def lm_logits(self, hidden):
         return self.cls.predictions(hidden)
