@@ -1,0 +1,200 @@
+"""Image captioning evaluation with the protocol of the original: generate one caption per image, then score it
+against the image's reference captions with the COCO caption metrics of pycocoevalcap (BLEU-1..4, METEOR, ROUGE-L,
+CIDEr-D, and SPICE where its models are installed), after pycocoevalcap's PTB tokenisation.
+
+Java runs the tokeniser, METEOR and SPICE. Without Java the captions are tokenised by a Python approximation and only
+BLEU, ROUGE-L and CIDEr are reported. SPICE also needs Stanford CoreNLP 3.6.0 in pycocoevalcap/spice/lib, which
+pycocoevalcap downloads on first use (`python -m pycocoevalcap.spice.get_stanford_models`); offline it is skipped.
+"""
+
+import json
+import os
+import re
+import shutil
+from collections import Counter
+
+import torch
+from pycocoevalcap.bleu.bleu import Bleu
+from pycocoevalcap.cider.cider import Cider
+from pycocoevalcap.meteor.meteor import Meteor
+from pycocoevalcap.rouge.rouge import Rouge
+from pycocoevalcap.spice import spice
+from pycocoevalcap.tokenizer.ptbtokenizer import PUNCTUATIONS, PTBTokenizer
+
+from data.caption import _parse_eval_entry, _unique_image_ids
+from data.utils import read_annotation
+from utils import InputError, MetricLogger, all_gather_object, broadcast_from_main, is_main_process, log
+
+BLEU = ("Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4")
+SPICE_MODELS = ("stanford-corenlp-3.6.0.jar", "stanford-corenlp-3.6.0-models.jar")
+# The approximation of PTBTokenizer (approximate_ptb): clitics to split off, then the tokens.
+CLITIC = re.compile(r"(\w)(n't|'(?:s|re|ve|ll|d|m))\b")
+PTB_TOKEN = re.compile(r"n't|'(?:s|re|ve|ll|d|m)\b|(?:[a-z]\.){2,}|\d+(?::\d+)+|\w+(?:[.,\-'&/]\w+)*"
+                       r"|\.\.\.|--|[?!]+|\S")
+# PTBTokenizer -lowerCase turns brackets into these tokens, and pycocoevalcap (which removes "-LRB-", upper case)
+# keeps them: the approximation does the same so that its scores stay close to the Java path's.
+BRACKETS = {"(": "-lrb-", ")": "-rrb-", "[": "-lsb-", "]": "-rsb-", "{": "-lcb-", "}": "-rcb-"}
+
+
+# ------------------------------------------------------------------------------------------------ generation
+
+@torch.no_grad()
+def generate_captions(caption_fn, loader, header="Captioning"):
+    """[{"image_id", "caption"}] for every image of `loader.dataset` (a data.caption.RetrievalDataset whose loader
+    shards the images over ranks), in the dataset's order, on every rank. `caption_fn(images)` gets a batch of
+    images as loaded (on CPU) and returns one string per image."""
+    dataset = loader.dataset
+    local = []
+    for images, index in MetricLogger().log_every(loader, 50, header):
+        captions = caption_fn(images)
+        if len(captions) != len(index):
+            raise ValueError(f"caption_fn returned {len(captions)} captions for a batch of {len(index)} images")
+        local += zip(index.tolist(), captions)
+    pairs = [pair for part in all_gather_object(local) for pair in part]
+    _check_each_once([index for index, _ in pairs], len(dataset))
+    captions = dict(pairs)
+    return [{"image_id": dataset.image_ids[i], "caption": captions[i]} for i in range(len(dataset))]
+
+
+def _check_each_once(indices, num_images):
+    """RuntimeError unless every index 0..num_images-1 occurs once in `indices`: a sampler that pads or drops
+    images would change the metrics silently."""
+    counts = Counter(indices)
+    repeated = sorted(index for index, count in counts.items() if count > 1)
+    missing = sorted(set(range(num_images)) - counts.keys())
+    if repeated or missing:
+        raise RuntimeError(f"captions gathered over ranks cover the {num_images} images unevenly: repeated "
+                           f"{repeated[:5]}, missing {missing[:5]}; evaluate with data.loader.eval_loader")
+
+
+# ------------------------------------------------------------------------------------------------ ground truth
+
+def ground_truth_from_coco(path):
+    """{image_id: [captions]} from a COCO caption ground-truth file ({"annotations": [{"image_id", "caption"}]},
+    such as coco_karpathy_val_gt.json)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except FileNotFoundError:
+        raise InputError(f"caption ground-truth file {path} does not exist") from None
+    except json.JSONDecodeError as e:
+        raise InputError(f"caption ground-truth file {path} is not valid JSON: {e}") from None
+    if not isinstance(data, dict) or not isinstance(data.get("annotations"), list):
+        raise InputError(f"{path}: expected COCO caption ground truth, an object whose 'annotations' list holds "
+                         "{'image_id', 'caption'} objects (such as coco_karpathy_val_gt.json)")
+    ground_truth = {}
+    for i, ann in enumerate(data["annotations"]):
+        where = f"{path}: annotations[{i}]"
+        for field in ("image_id", "caption"):
+            if not isinstance(ann, dict) or field not in ann:
+                raise InputError(f"{where}: missing field '{field}'; every annotation needs 'image_id' and 'caption'")
+        if isinstance(ann["image_id"], bool) or not isinstance(ann["image_id"], (int, str)):
+            raise InputError(f"{where}: 'image_id' must be an integer or a string; got {ann['image_id']!r:.80}")
+        if not isinstance(ann["caption"], str):
+            raise InputError(f"{where}: 'caption' must be a string; got {ann['caption']!r:.80}")
+        ground_truth.setdefault(ann["image_id"], []).append(ann["caption"])
+    if not ground_truth:
+        raise InputError(f"{path} has no annotations")
+    return ground_truth
+
+
+def ground_truth_from_annotation(path):
+    """{image_id: [captions]} from a Karpathy-format evaluation file ([{"image", "caption": [...]}]) itself, keyed
+    by the ids that data.caption.RetrievalDataset gives its images; captions raw (the metrics tokenise them)."""
+    entries = [_parse_eval_entry(entry, f"{path}[{i}]") for i, entry in enumerate(read_annotation(path))]
+    if not entries:
+        raise InputError(f"{path} has no examples")
+    return dict(zip(_unique_image_ids(entries, path), (entry["caption"] for entry in entries)))
+
+
+# ----------------------------------------------------------------------------------------------------- metrics
+
+def caption_metrics(results, ground_truth):
+    """COCO caption metrics of `results` {image_id: caption} against `ground_truth` {image_id: [captions]}, which
+    must cover the same images: {"Bleu_1".."Bleu_4", "METEOR", "ROUGE_L", "CIDEr"[, "SPICE"]} as floats (fractions,
+    not percent). CIDEr's idf comes from the evaluated images' references, as in the original."""
+    check_same_images(results, ground_truth)
+    # pycocoevalcap needs keys that compare and sort alike (SPICE sorts them): positions, not the mixed ids.
+    order = list(ground_truth)
+    refs = {k: ground_truth[image_id] for k, image_id in enumerate(order)}
+    hyps = {k: [results[image_id]] for k, image_id in enumerate(order)}
+    java = shutil.which("java") is not None
+    if not java:
+        log("caption metrics: no java on PATH, so tokenising with a Python approximation of PTBTokenizer and "
+            "leaving out METEOR and SPICE; install a Java runtime for the full COCO caption metrics")
+    refs, hyps = _tokenize(refs, hyps, java)
+    metrics = dict(zip(BLEU, Bleu(4).compute_score(refs, hyps, verbose=0)[0]))  # verbose=0: no printed counts
+    if java:
+        metrics["METEOR"] = Meteor().compute_score(refs, hyps)[0]
+    metrics["ROUGE_L"] = Rouge().compute_score(refs, hyps)[0]
+    metrics["CIDEr"] = Cider().compute_score(refs, hyps)[0]
+    if java and _spice_models_present():
+        metrics["SPICE"] = spice.Spice().compute_score(refs, hyps)[0]
+    return {name: float(value) for name, value in metrics.items()}
+
+
+def agg_metric(metrics):
+    """The original's criterion for keeping the best checkpoint: CIDEr + BLEU-4."""
+    return metrics["CIDEr"] + metrics["Bleu_4"]
+
+
+def check_same_images(results, ground_truth):
+    """InputError unless `results` and `ground_truth` have the same (non-empty) set of image ids."""
+    if not ground_truth:
+        raise InputError("caption metrics of no images: the ground truth is empty")
+    no_truth = [image_id for image_id in results if image_id not in ground_truth]
+    no_result = [image_id for image_id in ground_truth if image_id not in results]
+    if no_truth or no_result:
+        raise InputError(f"caption results and ground truth differ: {len(no_truth)} captioned images have no ground "
+                         f"truth {no_truth[:5]}, {len(no_result)} ground-truth images have no caption "
+                         f"{no_result[:5]}. The ground truth must be of the evaluated split, keyed by the ids "
+                         "RetrievalDataset.image_ids gives (an integer and a string are different ids)")
+
+
+def _spice_models_present():
+    """Whether SPICE can run offline: pycocoevalcap's Spice() downloads Stanford CoreNLP when it is missing."""
+    lib = os.path.join(os.path.dirname(os.path.abspath(spice.__file__)), "lib")
+    missing = [name for name in SPICE_MODELS if not os.path.isfile(os.path.join(lib, name))]
+    if missing:
+        log(f"caption metrics: SPICE skipped, {' and '.join(missing)} not in {lib}; to enable it run "
+            "`python -m pycocoevalcap.spice.get_stanford_models` once with internet access")
+    return not missing
+
+
+def _tokenize(refs, hyps, java):
+    """(refs, hyps) with every caption PTB-tokenised, lower-cased and stripped of punctuation."""
+    # Line breaks inside a caption (also \r, \u2028, ...) would shift every later caption in the Java tokeniser's
+    # line-by-line output onto the wrong image: whitespace runs become one space first.
+    groups = {(name, k): [" ".join(c.split()) for c in captions]
+              for name, part in (("ref", refs), ("hyp", hyps)) for k, captions in part.items()}
+    if java:
+        # One tokeniser run for both sets: each run starts a JVM.
+        tokens = PTBTokenizer().tokenize({key: [{"caption": c} for c in captions] for key, captions in groups.items()})
+    else:
+        tokens = {key: [approximate_ptb(c) for c in captions] for key, captions in groups.items()}
+    return {k: tokens[("ref", k)] for k in refs}, {k: tokens[("hyp", k)] for k in hyps}
+
+
+def approximate_ptb(caption):
+    """pycocoevalcap's tokenisation (Stanford PTBTokenizer, lower case, punctuation tokens removed) in Python, for
+    machines without Java: splits off punctuation and the clitics 's n't 're 've 'll 'd 'm, keeps a word's inner
+    . , - ' & / (3.5, black-and-white), times (5:30), abbreviations (p.m.) and runs of ! and ? ("?!", which
+    pycocoevalcap keeps), drops quotes."""
+    text = CLITIC.sub(r"\1 \2", caption.lower())
+    tokens = PTB_TOKEN.findall(text)
+    return " ".join(BRACKETS.get(t, t) for t in tokens if t not in PUNCTUATIONS and t != '"')
+
+
+# ---------------------------------------------------------------------------------------------------- together
+
+def evaluate_captions(caption_fn, loader, ground_truth, header="Captioning", results_path=None):
+    """generate_captions, then caption_metrics against `ground_truth` on the main process, on every rank; with
+    `results_path` the captions are written there (main process) as JSON [{"image_id", "caption"}].
+    Returns (metrics, results)."""
+    results = generate_captions(caption_fn, loader, header)
+    by_id = {r["image_id"]: r["caption"] for r in results}
+    check_same_images(by_id, ground_truth)  # on every rank: an error on rank 0 alone would leave the others waiting
+    if results_path and is_main_process():
+        with open(results_path, "w") as f:
+            json.dump(results, f)
+    return broadcast_from_main(lambda: caption_metrics(by_id, ground_truth)), results

@@ -1,0 +1,146 @@
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import train_blip2_stage2
+from data.utils import read_annotation
+from models.blip2_qformer import Blip2Qformer
+from tests.conftest import read_log
+from train_demo_lm import build_demo_opt, build_demo_tokenizer
+from utils import InputError
+
+
+@pytest.fixture(scope="module")
+def opt_dir(demo_data, tmp_path_factory):
+    """A randomly initialised tiny OPT with a tokenizer of the demo captions, saved like facebook/opt-*."""
+    out = tmp_path_factory.mktemp("opt")
+    texts = [entry["caption"] + "\n" for entry in read_annotation(str(demo_data / "coco_karpathy_train.json"))]
+    tokenizer = build_demo_tokenizer(texts)
+    torch.manual_seed(0)
+    build_demo_opt(tokenizer, hidden_size=32, num_layers=2, num_heads=2, ffn_dim=64).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def stage1_checkpoint(tmp_path_factory):
+    """A random tiny stage-1 model in LAVIS's layout, image encoder included."""
+    path = tmp_path_factory.mktemp("stage1") / "stage1.pth"
+    torch.manual_seed(1)
+    model = Blip2Qformer({"bos": 40, "pad": 0, "eos": 3}, vision="eva_tiny", image_size=32, patch_size=16,
+                         qformer="tiny", vocab_size=41, num_query_tokens=4, vit_precision="fp32")
+    torch.save({"model": model.state_dict()}, path)
+    return path
+
+
+def stage2_config(directory, data_dir, opt_dir, pretrained=None):
+    """A tiny stage-2 config over the synthetic caption splits, written to directory/stage2[_from_stage1].yaml."""
+    path = Path(directory) / ("stage2_from_stage1.yaml" if pretrained else "stage2.yaml")
+    path.write_text(f"""
+model:
+  vision: eva_tiny
+  image_size: 32
+  patch_size: 16
+  vit_precision: fp32
+  qformer: tiny
+  num_query_tokens: 4
+  opt_model: {opt_dir}
+  opt_precision: fp32
+  max_txt_len: 48
+  pretrained: {pretrained or 'null'}
+data:
+  train:
+    - ann_file: {data_dir}/coco_karpathy_train.json
+      image_root: {data_dir}
+  val_file: {data_dir}/coco_karpathy_val.json
+  test_file: {data_dir}/coco_karpathy_test.json
+  test_gt_file: {data_dir}/coco_karpathy_test_gt.json
+  image_root: {data_dir}
+  hflip: false
+  num_workers: 0
+train:
+  epochs: 2
+  batch_size: 8
+  lr: 1e-3
+  warmup_steps: 2
+  print_freq: 100
+eval:
+  batch_size: 4
+  num_beams: 2
+  max_new_tokens: 8
+  min_new_tokens: 1
+""")
+    return path
+
+
+def train(config, out, *options, evaluate=False, resume=False, checkpoint=None):
+    args = ["--config", str(config), "--output_dir", str(out), "--device", "cpu"]
+    args += (["--evaluate"] if evaluate else []) + (["--resume"] if resume else [])
+    args += ["--checkpoint", str(checkpoint)] if checkpoint else []
+    train_blip2_stage2.main(args + (["--options", *options] if options else []))
+
+
+def test_train_from_stage1_keeps_the_best_by_cider_bleu4_and_evaluate_reproduces_it(demo_data, opt_dir,
+                                                                                      stage1_checkpoint, tmp_path):
+    config, out = stage2_config(tmp_path, demo_data, opt_dir, stage1_checkpoint), tmp_path / "out"
+    train(config, out)
+    log = read_log(out)
+    epochs, final = log[:-1], log[-1]
+    assert [entry["epoch"] for entry in epochs] == [0, 1]
+    assert {"train_loss", "val_Bleu_4", "val_METEOR", "val_ROUGE_L", "val_CIDEr", "val_agg_metric"} <= set(epochs[0])
+    for entry in epochs:
+        assert entry["val_agg_metric"] == pytest.approx(entry["val_CIDEr"] + entry["val_Bleu_4"])
+    best_entry = max(epochs, key=lambda e: e["val_agg_metric"])  # the first of equals
+    assert final["best_epoch"] == best_entry["epoch"]
+    assert {"test_CIDEr", "test_text_only_CIDEr"} <= set(final)
+
+    best = torch.load(out / "checkpoint_best.pth", weights_only=True)
+    assert best["epoch"] == best_entry["epoch"]
+    # The frozen OPT and the frozen image encoder (it comes with the stage-1 file) are not in the checkpoints.
+    assert {k.split(".")[0] for k in best["model"]} == {"ln_vision", "Qformer", "query_tokens", "opt_proj"}
+    results = json.loads((out / "test_captions.json").read_text())
+    assert len(results) == 8 and all(isinstance(r["caption"], str) for r in results)
+
+    train(config, out, evaluate=True)  # the image encoder is rebuilt from model.pretrained
+    result = json.loads((out / "evaluate.txt").read_text())
+    for key, value in best_entry.items():
+        if key.startswith("val_"):
+            assert result[key] == pytest.approx(value, abs=1e-6), key
+    for key, value in final.items():
+        if key.startswith("test_") and "text_only" not in key:
+            assert result[key] == pytest.approx(value, abs=1e-6), key
+
+
+def test_resumed_run_equals_the_uninterrupted_run(demo_data, opt_dir, tmp_path, monkeypatch):
+    config = stage2_config(tmp_path, demo_data, opt_dir)
+    options = ("eval.text_only_baseline=false",)
+    train(config, tmp_path / "whole", *options)
+    real_loss, calls = train_blip2_stage2.stage2_loss, []
+
+    def dies_in_epoch_1(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 6 + 2:  # 48 train captions / batch 8 = 6 iterations per epoch
+            raise KeyboardInterrupt
+        return real_loss(*args, **kwargs)
+
+    monkeypatch.setattr(train_blip2_stage2, "stage2_loss", dies_in_epoch_1)
+    with pytest.raises(KeyboardInterrupt):
+        train(config, tmp_path / "broken", *options)
+    monkeypatch.setattr(train_blip2_stage2, "stage2_loss", real_loss)
+    train(config, tmp_path / "broken", *options, resume=True)
+    assert read_log(tmp_path / "broken") == read_log(tmp_path / "whole")
+
+
+def test_evaluating_a_checkpoint_without_its_image_encoder_source_is_refused(demo_data, opt_dir, stage1_checkpoint,
+                                                                            tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    config = stage2_config(tmp_path, demo_data, opt_dir)
+    model = train_blip2_stage2.build_model(train_blip2_stage2.load_config(
+        str(stage2_config(tmp_path, demo_data, opt_dir, stage1_checkpoint)), train_blip2_stage2.Stage2Config).model)
+    torch.save({"model": model.state_dict(), "config": {"model": {"pretrained": str(stage1_checkpoint)}}},
+               out / "stage2.pth")
+    with pytest.raises(InputError, match=f"no image-encoder weights.*{stage1_checkpoint}"):
+        train(config, out, evaluate=True, checkpoint=out / "stage2.pth")
