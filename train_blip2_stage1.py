@@ -23,10 +23,9 @@ from models.blip2_qformer import Blip2Qformer, load_checkpoint
 from models.eva_vit import load_vision_weights
 from models.qformer import load_bert_weights
 from models.tokenizer import init_tokenizer
-from utils import (TrainConfig, accumulation_steps, append_log, build_optimizer, build_scheduler, end_epoch, get_rank,
-                   grad_scaler, init_distributed, is_main_process, load_checkpoint_file, load_config, log, parse_args,
-                   resume_training, run_main, save_config, seed_everything, train_epoch, weights_to_evaluate,
-                   wrap_ddp, write_evaluation)
+from utils import (TrainConfig, accumulation_steps, append_log, build_optimizer, build_scheduler, end_epoch,
+                   grad_scaler, is_main_process, load_checkpoint_file, log, parse_args, resume_training, run_main,
+                   start_run, train_epoch, weights_to_evaluate, wrap_ddp, write_evaluation)
 
 
 @dataclass
@@ -117,14 +116,7 @@ def stage1_loss(model, batch, tokenizer, max_txt_len, same_image_positives, devi
 
 def main(argv=None):
     args = parse_args(__doc__, argv)
-    cfg = load_config(args.config, Stage1Config, args.options)
-    if args.seed is not None:
-        cfg.train.seed = args.seed
-    device = init_distributed(args.device)
-    seed_everything(cfg.train.seed + get_rank())
-    os.makedirs(args.output_dir, exist_ok=True)
-    if is_main_process():
-        save_config(cfg, os.path.join(args.output_dir, "config.yaml"))
+    cfg, device = start_run(args, Stage1Config)
 
     tokenizer = init_tokenizer(cfg.model.tokenizer, enc_token=False)
     model = build_model(cfg.model, tokenizer).to(device)

@@ -24,10 +24,9 @@ from eval_caption import agg_metric, caption_metrics, evaluate_captions, ground_
 from models.blip2_opt import Blip2OPT, load_checkpoint, load_opt
 from models.eva_vit import load_vision_weights
 from utils import (TrainConfig, accumulation_steps, append_log, autocast, broadcast_from_main, build_optimizer,
-                   build_scheduler, end_epoch,
-                   get_rank, grad_scaler, init_distributed, is_main_process, load_checkpoint_file, load_config, log,
-                   parse_args, resume_training, run_main, save_config, seed_everything, train_epoch,
-                   weights_to_evaluate, wrap_ddp, write_evaluation)
+                   build_scheduler, end_epoch, grad_scaler, is_main_process, load_checkpoint_file, log, parse_args,
+                   resume_training, run_main, start_run, train_epoch, weights_to_evaluate, wrap_ddp,
+                   write_evaluation)
 
 
 @dataclass
@@ -140,14 +139,7 @@ def text_only_baseline(model, ground_truth, options):
 
 def main(argv=None):
     args = parse_args(__doc__, argv)
-    cfg = load_config(args.config, Stage2Config, args.options)
-    if args.seed is not None:
-        cfg.train.seed = args.seed
-    device = init_distributed(args.device)
-    seed_everything(cfg.train.seed + get_rank())
-    os.makedirs(args.output_dir, exist_ok=True)
-    if is_main_process():
-        save_config(cfg, os.path.join(args.output_dir, "config.yaml"))
+    cfg, device = start_run(args, Stage2Config)
 
     model = build_model(cfg.model).to(device)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)

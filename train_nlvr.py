@@ -5,7 +5,6 @@
 """
 
 import math
-import os
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Literal, Optional
@@ -19,9 +18,8 @@ from data.transforms import eval_transform, train_transform
 from models.blip_nlvr import BlipNLVR, load_checkpoint
 from models.tokenizer import init_tokenizer
 from utils import (MetricLogger, TrainConfig, accumulation_steps, all_reduce_sum, autocast, build_optimizer,
-                   build_scheduler, end_epoch, get_rank, grad_scaler, init_distributed, is_main_process, load_config,
-                   log, parse_args, resume_training, run_main, save_config, seed_everything, train_epoch, unwrap,
-                   weights_to_evaluate, wrap_ddp, write_evaluation)
+                   build_scheduler, end_epoch, grad_scaler, log, parse_args, resume_training, run_main, start_run,
+                   train_epoch, unwrap, weights_to_evaluate, wrap_ddp, write_evaluation)
 
 
 @dataclass
@@ -107,14 +105,7 @@ def evaluate(model, loader, tokenizer, device, amp, header):
 
 def main(argv=None):
     args = parse_args(__doc__, argv)
-    cfg = load_config(args.config, NLVRConfig, args.options)
-    if args.seed is not None:
-        cfg.train.seed = args.seed
-    device = init_distributed(args.device)
-    seed_everything(cfg.train.seed + get_rank())
-    os.makedirs(args.output_dir, exist_ok=True)
-    if is_main_process():
-        save_config(cfg, os.path.join(args.output_dir, "config.yaml"))
+    cfg, device = start_run(args, NLVRConfig)
 
     tokenizer = init_tokenizer(cfg.model.tokenizer)
     model = build_model(cfg.model, tokenizer).to(device)

@@ -197,6 +197,21 @@ def load_config(path, schema, overrides=()):
     return cfg
 
 
+def start_run(args, schema):
+    """The start of every entry script: the config (`--config` with `--options` and `--seed` applied), the process
+    group and device, seeded RNGs (seed + rank), and the output directory with the resolved config.yaml.
+    Returns (cfg, device)."""
+    cfg = load_config(args.config, schema, args.options)
+    if args.seed is not None:
+        cfg.train.seed = args.seed
+    device = init_distributed(args.device)
+    seed_everything(cfg.train.seed + get_rank())
+    os.makedirs(args.output_dir, exist_ok=True)
+    if is_main_process():
+        save_config(cfg, os.path.join(args.output_dir, "config.yaml"))
+    return cfg, device
+
+
 def parse_args(description, argv=None):
     """The command line every entry script shares."""
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -9,7 +9,7 @@ from data.utils import read_annotation
 from models.blip2_qformer import Blip2Qformer
 from tests.conftest import read_log
 from train_demo_lm import build_demo_opt, build_demo_tokenizer
-from utils import InputError
+from utils import InputError, load_config
 
 
 @pytest.fixture(scope="module")
@@ -138,7 +138,7 @@ def test_evaluating_a_checkpoint_without_its_image_encoder_source_is_refused(dem
     out = tmp_path / "out"
     out.mkdir()
     config = stage2_config(tmp_path, demo_data, opt_dir)
-    model = train_blip2_stage2.build_model(train_blip2_stage2.load_config(
+    model = train_blip2_stage2.build_model(load_config(
         str(stage2_config(tmp_path, demo_data, opt_dir, stage1_checkpoint)), train_blip2_stage2.Stage2Config).model)
     torch.save({"model": model.state_dict(), "config": {"model": {"pretrained": str(stage1_checkpoint)}}},
                out / "stage2.pth")
