@@ -20,7 +20,8 @@ import torch
 from data.caption import CaptionDataset, CaptionSource, RetrievalDataset
 from data.loader import eval_loader, train_loader
 from data.transforms import eval_transform, train_transform
-from eval_caption import agg_metric, caption_metrics, evaluate_captions, ground_truth_from_annotation, ground_truth_from_coco
+from eval_caption import (agg_metric, caption_metrics, evaluate_captions, ground_truth_from_annotation,
+                          ground_truth_from_coco)
 from models.blip2_opt import Blip2OPT, load_checkpoint, load_opt
 from models.eva_vit import load_vision_weights
 from utils import (TrainConfig, accumulation_steps, append_log, autocast, broadcast_from_main, build_optimizer,
@@ -111,7 +112,8 @@ def build_eval_sets(cfg, splits):
         if ann_file:
             dataset = RetrievalDataset(ann_file, cfg.data.image_root, eval_transform(cfg.model.image_size),
                                        cfg.data.max_words)
-            sets[split] = (dataset, ground_truth_from_coco(gt_file) if gt_file else ground_truth_from_annotation(ann_file))
+            truth = ground_truth_from_coco(gt_file) if gt_file else ground_truth_from_annotation(ann_file)
+            sets[split] = (dataset, truth)
     return sets
 
 

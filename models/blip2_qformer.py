@@ -303,7 +303,8 @@ _VISION_RENAMES = [("embeddings.class_embedding", "cls_token"), ("embeddings.pos
                    (".layer_norm1.", ".norm1."), (".layer_norm2.", ".norm2."), (".self_attn.projection.", ".attn.proj."),
                    (".self_attn.qkv.", ".attn.qkv.")]
 # (transformers prefix, LAVIS prefix) of the parts outside the image encoder, most specific first.
-_PREFIX_RENAMES = [("vision_model.post_layernorm.", "ln_vision."), ("qformer.layernorm.", "Qformer.bert.embeddings.LayerNorm."),
+_PREFIX_RENAMES = [("vision_model.post_layernorm.", "ln_vision."),
+                   ("qformer.layernorm.", "Qformer.bert.embeddings.LayerNorm."),
                    ("embeddings.", "Qformer.bert.embeddings."), ("qformer.", "Qformer.bert."),
                    ("vision_projection.", "vision_proj."), ("text_projection.", "text_proj."),
                    ("language_projection.", "opt_proj."), ("language_model.", "opt_model.")]

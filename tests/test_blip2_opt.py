@@ -183,7 +183,8 @@ def test_checkpoints_reload_and_mismatches_are_explained(tokenizer, tmp_path):
     _, other = hf_pair(tokenizer, num_query_tokens=4)
     load_checkpoint(other, str(tmp_path / "ours.pth"))
     assert other.vit_source == str(tmp_path / "ours.pth")  # from now on the file supplies the frozen encoder
-    reloaded = {**other.state_dict(), **{f"visual_encoder.{k}": v for k, v in other.visual_encoder.state_dict().items()}}
+    vision = {f"visual_encoder.{k}": v for k, v in other.visual_encoder.state_dict().items()}
+    reloaded = {**other.state_dict(), **vision}
     for key, value in model.state_dict().items():
         assert torch.equal(value, reloaded[key]), key
 
