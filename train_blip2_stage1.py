@@ -8,24 +8,22 @@ the test split is evaluated at the end with the best weights.
 """
 
 import json
-import math
-import os
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Literal, Optional
 
 
-from data.caption import CaptionDataset, CaptionSource, RetrievalDataset
+from data.caption import CaptionSource, RetrievalDataset, caption_train_set
 from data.loader import eval_loader, train_loader
-from data.transforms import eval_transform, train_transform
+from data.transforms import eval_transform
 from eval_retrieval import evaluate_retrieval
 from models.blip2_qformer import Blip2Qformer, load_checkpoint
 from models.eva_vit import load_vision_weights
 from models.qformer import load_bert_weights
 from models.tokenizer import init_tokenizer
-from utils import (TrainConfig, accumulation_steps, append_log, build_optimizer, build_scheduler, end_epoch,
-                   grad_scaler, is_main_process, load_checkpoint_file, log, parse_args, resume_training, run_main,
-                   start_run, train_epoch, weights_to_evaluate, wrap_ddp, write_evaluation)
+from utils import (TrainConfig, append_log, end_epoch, is_main_process, load_best_weights, load_checkpoint_file, log,
+                   parse_args, run_main, start_run, start_training, train_epoch, weights_to_evaluate, wrap_ddp,
+                   write_evaluation)
 
 
 @dataclass
@@ -137,19 +135,11 @@ def main(argv=None):
                                            for k, v in evaluate(model, loader, header=split).items()})
         return
 
-    d = cfg.data
-    train_set = CaptionDataset(d.train, train_transform(cfg.model.image_size, d.crop_scale, randaugment=False,
-                                                        hflip=d.hflip), d.max_words, d.skip_missing_images)
-    log(f"train: {len(train_set)} captions of {train_set.num_images} images")
-    loader = train_loader(train_set, cfg.train.batch_size, d.num_workers, cfg.train.seed, pin)
-    accum = accumulation_steps(cfg.train)
-    optimizer = build_optimizer(model, cfg.train)
-    scheduler = build_scheduler(optimizer, cfg.train, steps_per_epoch=len(loader) // accum)
-    scaler = grad_scaler(device, cfg.train.amp)
-    start_epoch, best_r_mean = 0, -math.inf
-    if args.resume:
-        start_epoch, best_r_mean = resume_training(args.output_dir, model, optimizer, scheduler, scaler)
-    elif cfg.model.pretrained:
+    train_set = caption_train_set(cfg.data, cfg.model.image_size)
+    loader = train_loader(train_set, cfg.train.batch_size, cfg.data.num_workers, cfg.train.seed, pin)
+    accum, optimizer, scheduler, scaler, start_epoch, best_r_mean = start_training(args, model, loader, cfg.train,
+                                                                                   device)
+    if cfg.model.pretrained and not args.resume:
         load_checkpoint(model, cfg.model.pretrained)
     ddp_model = wrap_ddp(model, device)
     loss_fn = partial(stage1_loss, tokenizer=tokenizer, max_txt_len=cfg.model.max_txt_len,
@@ -167,10 +157,9 @@ def main(argv=None):
                   scaler, epoch, best_r_mean, cfg)
 
     if "test" in loaders:
-        best = load_checkpoint_file(os.path.join(args.output_dir, "checkpoint_best.pth"))
-        model.load_state_dict(best["model"])
+        best_epoch = load_best_weights(args.output_dir, model)
         test = {f"test_{k}": v for k, v in evaluate(model, loaders["test"], header="Test").items()}
-        stats = {"best_epoch": best["epoch"], **test}
+        stats = {"best_epoch": best_epoch, **test}
         if is_main_process():
             append_log(args.output_dir, stats)
         log(json.dumps(stats))

@@ -9,7 +9,6 @@ together with the same frozen OPT prompted without images (the text-only baselin
 """
 
 import json
-import math
 import os
 from dataclasses import dataclass, field
 from functools import partial
@@ -17,17 +16,16 @@ from typing import Literal, Optional
 
 import torch
 
-from data.caption import CaptionDataset, CaptionSource, RetrievalDataset
+from data.caption import CaptionSource, RetrievalDataset, caption_train_set
 from data.loader import eval_loader, train_loader
-from data.transforms import eval_transform, train_transform
+from data.transforms import eval_transform
 from eval_caption import (agg_metric, caption_metrics, evaluate_captions, ground_truth_from_annotation,
                           ground_truth_from_coco)
 from models.blip2_opt import Blip2OPT, load_checkpoint, load_opt
 from models.eva_vit import load_vision_weights
-from utils import (TrainConfig, accumulation_steps, append_log, autocast, broadcast_from_main, build_optimizer,
-                   build_scheduler, end_epoch, grad_scaler, is_main_process, load_checkpoint_file, log, parse_args,
-                   resume_training, run_main, start_run, train_epoch, weights_to_evaluate, wrap_ddp,
-                   write_evaluation)
+from utils import (TrainConfig, append_log, autocast, broadcast_from_main, end_epoch, is_main_process,
+                   load_best_weights, load_checkpoint_file, log, parse_args, run_main, start_run, start_training,
+                   train_epoch, weights_to_evaluate, wrap_ddp, write_evaluation)
 
 
 @dataclass
@@ -168,18 +166,10 @@ def main(argv=None):
                                            for k, v in evaluate(split, split).items()})
         return
 
-    d = cfg.data
-    train_set = CaptionDataset(d.train, train_transform(cfg.model.image_size, d.crop_scale, randaugment=False,
-                                                        hflip=d.hflip), d.max_words, d.skip_missing_images)
-    log(f"train: {len(train_set)} captions of {train_set.num_images} images")
-    loader = train_loader(train_set, cfg.train.batch_size, d.num_workers, cfg.train.seed, pin)
-    accum = accumulation_steps(cfg.train)
-    optimizer = build_optimizer(model, cfg.train)
-    scheduler = build_scheduler(optimizer, cfg.train, steps_per_epoch=len(loader) // accum)
-    scaler = grad_scaler(device, cfg.train.amp)
-    start_epoch, best_metric = 0, -math.inf
-    if args.resume:
-        start_epoch, best_metric = resume_training(args.output_dir, model, optimizer, scheduler, scaler)
+    train_set = caption_train_set(cfg.data, cfg.model.image_size)
+    loader = train_loader(train_set, cfg.train.batch_size, cfg.data.num_workers, cfg.train.seed, pin)
+    accum, optimizer, scheduler, scaler, start_epoch, best_metric = start_training(args, model, loader, cfg.train,
+                                                                                   device)
     ddp_model = wrap_ddp(model, device)
     loss_fn = partial(stage2_loss, device=device)
 
@@ -196,10 +186,9 @@ def main(argv=None):
                   scheduler, scaler, epoch, best_metric, cfg)
 
     if "test" in loaders:
-        best = load_checkpoint_file(os.path.join(args.output_dir, "checkpoint_best.pth"))
-        model.load_state_dict(best["model"])
+        best_epoch = load_best_weights(args.output_dir, model)
         model.eval()
-        stats = {"best_epoch": best["epoch"], **{f"test_{k}": v for k, v in evaluate("test", "Test").items()}}
+        stats = {"best_epoch": best_epoch, **{f"test_{k}": v for k, v in evaluate("test", "Test").items()}}
         if cfg.eval.text_only_baseline:
             baseline = text_only_baseline(model, eval_sets["test"][1], options)
             stats.update({f"test_text_only_{k}": v for k, v in baseline.items()})

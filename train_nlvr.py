@@ -4,7 +4,6 @@
     python train_nlvr.py --config configs/nlvr.yaml --output_dir out --evaluate --checkpoint model_base_nlvr.pth
 """
 
-import math
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Literal, Optional
@@ -17,9 +16,8 @@ from data.nlvr import NLVRDataset
 from data.transforms import eval_transform, train_transform
 from models.blip_nlvr import BlipNLVR, load_checkpoint
 from models.tokenizer import init_tokenizer
-from utils import (MetricLogger, TrainConfig, accumulation_steps, all_reduce_sum, autocast, build_optimizer,
-                   build_scheduler, end_epoch, grad_scaler, log, parse_args, resume_training, run_main, start_run,
-                   train_epoch, unwrap, weights_to_evaluate, wrap_ddp, write_evaluation)
+from utils import (MetricLogger, TrainConfig, all_reduce_sum, autocast, end_epoch, log, parse_args, run_main,
+                   start_run, start_training, train_epoch, unwrap, weights_to_evaluate, wrap_ddp, write_evaluation)
 
 
 @dataclass
@@ -123,14 +121,8 @@ def main(argv=None):
         return
 
     loader = train_loader(datasets["train"], cfg.train.batch_size, cfg.data.num_workers, cfg.train.seed, pin)
-    accum = accumulation_steps(cfg.train)
-    optimizer = build_optimizer(model, cfg.train)
-    scheduler = build_scheduler(optimizer, cfg.train, steps_per_epoch=len(loader) // accum)
-    scaler = grad_scaler(device, cfg.train.amp)
-    start_epoch, best_acc = 0, -math.inf
-    if args.resume:
-        start_epoch, best_acc = resume_training(args.output_dir, model, optimizer, scheduler, scaler)
-    elif cfg.model.pretrained:
+    accum, optimizer, scheduler, scaler, start_epoch, best_acc = start_training(args, model, loader, cfg.train, device)
+    if cfg.model.pretrained and not args.resume:
         load_checkpoint(model, cfg.model.pretrained)
     ddp_model = wrap_ddp(model, device)
     loss_fn = partial(nlvr_loss, tokenizer=tokenizer, device=device)

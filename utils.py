@@ -626,6 +626,26 @@ def resume_training(output_dir, model, optimizer, scheduler, scaler):
     return start_epoch, best_metric
 
 
+def start_training(args, model, loader, cfg, device):
+    """The optimisation state for `cfg` (a TrainConfig) over `loader`, restored from output_dir/checkpoint_last.pth
+    with --resume: (accumulation steps, AdamW, LR scheduler, grad scaler, first epoch, best metric so far)."""
+    accum = accumulation_steps(cfg)
+    optimizer = build_optimizer(model, cfg)
+    scheduler = build_scheduler(optimizer, cfg, steps_per_epoch=len(loader) // accum)
+    scaler = grad_scaler(device, cfg.amp)
+    start_epoch, best_metric = 0, -math.inf
+    if args.resume:
+        start_epoch, best_metric = resume_training(args.output_dir, model, optimizer, scheduler, scaler)
+    return accum, optimizer, scheduler, scaler, start_epoch, best_metric
+
+
+def load_best_weights(output_dir, model):
+    """Load output_dir/checkpoint_best.pth into `model`; returns its epoch."""
+    best = load_checkpoint_file(os.path.join(output_dir, "checkpoint_best.pth"))
+    model.load_state_dict(best["model"])
+    return best["epoch"]
+
+
 def train_epoch(model, loader, loss_fn, optimizer, scheduler, scaler, epoch, cfg, device, accum_steps, output_dir):
     """train_one_epoch, with a diverged loss explained in terms of the checkpoints on disk."""
     loader.sampler.set_epoch(epoch)

@@ -23,8 +23,9 @@ from dataclasses import dataclass
 from PIL import Image
 from torch.utils.data import Dataset
 
+from data.transforms import train_transform
 from data.utils import check_image_files, pre_caption, read_annotation
-from utils import InputError
+from utils import InputError, log
 
 
 @dataclass
@@ -60,6 +61,16 @@ class CaptionDataset(Dataset):
     def __getitem__(self, index):
         entry = self.entries[index]
         return self.transform(Image.open(entry["image"]).convert("RGB")), entry["caption"], entry["image_id"]
+
+
+def caption_train_set(data_cfg, image_size):
+    """The CaptionDataset of a BLIP-2 config's `data` section (train, crop_scale, hflip, max_words,
+    skip_missing_images), with BLIP-2's training transform (no RandAugment)."""
+    d = data_cfg
+    transform = train_transform(image_size, d.crop_scale, randaugment=False, hflip=d.hflip)
+    dataset = CaptionDataset(d.train, transform, d.max_words, d.skip_missing_images)
+    log(f"train: {len(dataset)} captions of {dataset.num_images} images")
+    return dataset
 
 
 class RetrievalDataset(Dataset):
