@@ -2,6 +2,16 @@
 against the image's reference captions with the COCO caption metrics of pycocoevalcap (BLEU-1..4, METEOR, ROUGE-L,
 CIDEr-D, and SPICE where its models are installed), after pycocoevalcap's PTB tokenisation.
 
+    python -m torch.distributed.run --nproc_per_node=8 eval_caption.py --config configs/blip2_caption_coco.yaml --output_dir out --checkpoint blip2_caption_opt2.7b.pth
+    python eval_caption.py --config configs/blip2_stage2_demo.yaml --output_dir out --checkpoint output/blip2_stage2_demo/checkpoint_best.pth
+
+The model is a stage-2 model (`model.arch: blip2_opt`, any stage-2 training config) or the ITG decoder of a stage-1
+Q-Former (`model.arch: blip2_qformer`, with an `eval:` section of captioning options, as in
+configs/blip2_qformer_caption_demo.yaml). Captions of data.val_file and data.test_file go to
+output_dir/<split>_captions.json ([{"image_id", "caption"}]), the metrics to a printed table and
+output_dir/evaluate.txt (JSON). Ground truth comes from data.val_gt_file / data.test_gt_file (COCO format, such as
+coco_karpathy_test_gt.json), else from the annotation file's own captions.
+
 Java runs the tokeniser, METEOR and SPICE. Without Java the captions are tokenised by a Python approximation and only
 BLEU, ROUGE-L and CIDEr are reported. SPICE also needs Stanford CoreNLP 3.6.0 in pycocoevalcap/spice/lib, which
 pycocoevalcap downloads on first use (`python -m pycocoevalcap.spice.get_stanford_models`); offline it is skipped.
@@ -12,6 +22,7 @@ import os
 import re
 import shutil
 from collections import Counter
+from dataclasses import dataclass, field
 
 import torch
 from pycocoevalcap.bleu.bleu import Bleu
@@ -21,9 +32,14 @@ from pycocoevalcap.rouge.rouge import Rouge
 from pycocoevalcap.spice import spice
 from pycocoevalcap.tokenizer.ptbtokenizer import PUNCTUATIONS, PTBTokenizer
 
-from data.caption import _parse_eval_entry, _unique_image_ids
+from data.caption import CaptionDataConfig, _parse_eval_entry, _unique_image_ids, eval_sets
+from data.loader import eval_loader
 from data.utils import read_annotation
-from utils import InputError, MetricLogger, all_gather_object, broadcast_from_main, is_main_process, log
+from models import blip2_opt, blip2_qformer
+from models.blip2_opt import Blip2OPT, Blip2OPTConfig
+from models.blip2_qformer import Blip2QformerConfig, decode_captions
+from utils import (InputError, MetricLogger, TrainConfig, all_gather_object, autocast, broadcast_from_main,
+                   is_main_process, log, parse_args, run_main, start_run, weights_to_evaluate, write_evaluation)
 
 BLEU = ("Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4")
 SPICE_MODELS = ("stanford-corenlp-3.6.0.jar", "stanford-corenlp-3.6.0-models.jar")
@@ -36,7 +52,46 @@ PTB_TOKEN = re.compile(r"n't|'(?:s|re|ve|ll|d|m)\b|(?:[a-z]\.){2,}|\d+(?::\d+)+|
 BRACKETS = {"(": "-lrb-", ")": "-rrb-", "[": "-lsb-", "]": "-rsb-", "{": "-lcb-", "}": "-rcb-"}
 
 
+@dataclass
+class CaptionEvalConfig:
+    """The `eval:` section of stage-2 and captioning configs."""
+    batch_size: int = 64                      # images per generate call
+    num_beams: int = 5
+    max_new_tokens: int = 30
+    min_new_tokens: int = 8
+    repetition_penalty: float = 1.0
+    length_penalty: float = 1.0
+    text_only_baseline: bool = True           # OPT models: also score the OPT prompted without images on test
+
+
+@dataclass
+class CaptionConfig:
+    """A stage-2 config, or a stage-1 one whose `eval:` section holds captioning options."""
+    data: CaptionDataConfig
+    model: Blip2OPTConfig | Blip2QformerConfig
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: CaptionEvalConfig = field(default_factory=CaptionEvalConfig)
+
+
 # ------------------------------------------------------------------------------------------------ generation
+
+def generation_options(e):
+    """The keyword arguments of Blip2OPT.caption and Blip2Qformer.generate from a CaptionEvalConfig."""
+    return dict(num_beams=e.num_beams, max_new_tokens=e.max_new_tokens, min_new_tokens=e.min_new_tokens,
+                repetition_penalty=e.repetition_penalty, length_penalty=e.length_penalty)
+
+
+def caption_function(model, tokenizer, options, device, amp):
+    """caption_fn(images) -> strings for generate_captions: a Blip2OPT's captions (its prompt not included), or
+    the ITG decoder's of a Blip2Qformer decoded by its `tokenizer`."""
+    def caption_fn(images):
+        images = images.to(device, non_blocking=True)
+        with autocast(device, amp):
+            if isinstance(model, Blip2OPT):
+                return model.caption(images, **options)
+            return decode_captions(tokenizer, model.generate(images, **options))
+    return caption_fn
+
 
 @torch.no_grad()
 def generate_captions(caption_fn, loader, header="Captioning"):
@@ -85,9 +140,9 @@ def ground_truth_from_coco(path):
     ground_truth = {}
     for i, ann in enumerate(data["annotations"]):
         where = f"{path}: annotations[{i}]"
-        for field in ("image_id", "caption"):
-            if not isinstance(ann, dict) or field not in ann:
-                raise InputError(f"{where}: missing field '{field}'; every annotation needs 'image_id' and 'caption'")
+        for name in ("image_id", "caption"):
+            if not isinstance(ann, dict) or name not in ann:
+                raise InputError(f"{where}: missing field '{name}'; every annotation needs 'image_id' and 'caption'")
         if isinstance(ann["image_id"], bool) or not isinstance(ann["image_id"], (int, str)):
             raise InputError(f"{where}: 'image_id' must be an integer or a string; got {ann['image_id']!r:.80}")
         if not isinstance(ann["caption"], str):
@@ -185,6 +240,18 @@ def approximate_ptb(caption):
     return " ".join(BRACKETS.get(t, t) for t in tokens if t not in PUNCTUATIONS and t != '"')
 
 
+def text_only_baseline(model, ground_truth, options):
+    """Caption metrics of a Blip2OPT's frozen OPT prompted without images: the same caption (`</s>` + prompt, beam
+    search) for every image; what the soft prompt adds is the difference to the model's scores."""
+    prompt_ids = model.opt_tokenizer([model.prompt], return_tensors="pt").input_ids.to(model.opt_proj.weight.device)
+    with torch.no_grad():
+        ids = model.opt_model.generate(input_ids=prompt_ids, eos_token_id=model.eos_token_id,
+                                       pad_token_id=model.opt_tokenizer.pad_token_id, **options)
+    caption = model.opt_tokenizer.decode(ids[0, prompt_ids.shape[1]:], skip_special_tokens=True).strip()
+    log(f"text-only caption: {caption!r}")
+    return broadcast_from_main(lambda: caption_metrics({image_id: caption for image_id in ground_truth}, ground_truth))
+
+
 # ---------------------------------------------------------------------------------------------------- together
 
 def evaluate_captions(caption_fn, loader, ground_truth, header="Captioning", results_path=None):
@@ -198,3 +265,58 @@ def evaluate_captions(caption_fn, loader, ground_truth, header="Captioning", res
         with open(results_path, "w") as f:
             json.dump(results, f)
     return broadcast_from_main(lambda: caption_metrics(by_id, ground_truth)), results
+
+
+def caption_eval_sets(cfg, device):
+    """{split: (loader, ground truth)} of data.val_file and data.test_file of a stage-2 or captioning config."""
+    gt_files = {"val": cfg.data.val_gt_file, "test": cfg.data.test_gt_file}
+    ann_files = {"val": cfg.data.val_file, "test": cfg.data.test_file}
+    return {split: (eval_loader(dataset, cfg.eval.batch_size, cfg.data.num_workers, device.type == "cuda"),
+                    ground_truth_from_coco(gt_files[split]) if gt_files[split]
+                    else ground_truth_from_annotation(ann_files[split]))
+            for split, dataset in eval_sets(cfg.data, cfg.model.image_size).items()}
+
+
+def evaluate_split(caption_fn, loader, ground_truth, header, results_path):
+    """evaluate_captions' metrics plus the original's best-checkpoint criterion `agg_metric` (CIDEr + BLEU-4)."""
+    metrics, _ = evaluate_captions(caption_fn, loader, ground_truth, header, results_path)
+    return {**metrics, "agg_metric": agg_metric(metrics)}
+
+
+def evaluate_splits(model, tokenizer, cfg, sets, device, output_dir):
+    """{split: metrics} for `sets` (caption_eval_sets), captions written to output_dir/<split>_captions.json; with
+    a Blip2OPT and eval.text_only_baseline also "test_text_only", the frozen OPT's scores without images."""
+    options = generation_options(cfg.eval)
+    caption_fn = caption_function(model, tokenizer, options, device, cfg.train.amp)
+    results = {split: evaluate_split(caption_fn, loader, truth, split,
+                                     os.path.join(output_dir, f"{split}_captions.json"))
+               for split, (loader, truth) in sets.items()}
+    if "test" in sets and isinstance(model, Blip2OPT) and cfg.eval.text_only_baseline:
+        results["test_text_only"] = text_only_baseline(model, sets["test"][1], options)
+    return results
+
+
+def load_captioner(cfg, checkpoint):
+    """(model in eval mode, tokenizer) of a Blip2OPTConfig or Blip2QformerConfig with the weights of `checkpoint`."""
+    if cfg.arch == "blip2_opt":
+        model, tokenizer = blip2_opt.create_model(cfg)  # loads model.pretrained: the frozen encoder may be there
+        if checkpoint != cfg.pretrained:
+            blip2_opt.load_checkpoint(model, checkpoint)
+    else:
+        model, tokenizer = blip2_qformer.create_model(cfg, load_bert=False)
+        blip2_qformer.load_checkpoint(model, checkpoint)
+    return model.eval(), tokenizer
+
+
+def main(argv=None):
+    args = parse_args(__doc__, argv, training=False)
+    cfg, device = start_run(args, CaptionConfig)
+    sets = caption_eval_sets(cfg, device)
+    if not sets:
+        raise InputError(f"{args.config}: nothing to evaluate; set data.val_file and/or data.test_file")
+    model, tokenizer = load_captioner(cfg.model, weights_to_evaluate(args, cfg.model.pretrained))
+    model.to(device)
+    write_evaluation(args.output_dir, evaluate_splits(model, tokenizer, cfg, sets, device, args.output_dir))
+
+if __name__ == "__main__":
+    run_main(main)

@@ -1,13 +1,74 @@
 """Image-text retrieval with a BLIP-2 stage-1 model: ITC similarity for all pairs, the top k re-ranked by ITM.
 
+    python -m torch.distributed.run --nproc_per_node=8 eval_retrieval.py --config configs/retrieval_coco.yaml --output_dir out
+    python eval_retrieval.py --config configs/blip2_stage1_demo.yaml --output_dir out --checkpoint output/blip2_stage1_demo/checkpoint_best.pth
+
 The protocol of the original: sim(i, t) = max over queries of the cosine of query and text features (no
 temperature); for each image its top `k_test` texts, and for each text its top `k_test` images, are re-scored by the
-ITM "match" logit; final score ITM + ITC (or ITM only, or ITC only). Recall@1/5/10 in both directions, in percent.
+ITM "match" logit; final score ITM + ITC (or ITM only, or ITC only). Recall@1/5/10 in both directions, in percent,
+for data.val_file and data.test_file, printed as a table and written to output_dir/evaluate.txt (JSON). Any stage-1
+training config is also an evaluation config (its data.train and training settings are not used, train.amp is).
 """
+
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Literal
 
 import torch
 
-from utils import AMP_DTYPES, InputError, MetricLogger, all_gather_no_grad, all_reduce_sum, autocast, get_rank, get_world_size, unwrap
+from data.caption import CaptionDataConfig, eval_sets
+from data.loader import eval_loader
+from models.blip2_qformer import Blip2QformerConfig, create_model, itc_similarity, load_checkpoint
+from utils import (AMP_DTYPES, InputError, MetricLogger, TrainConfig, all_gather_no_grad, all_reduce_sum, autocast,
+                   get_rank, get_world_size, parse_args, run_main, start_run, unwrap, weights_to_evaluate,
+                   write_evaluation)
+
+
+@dataclass
+class RetrievalEvalConfig:
+    """The `eval:` section of stage-1 and retrieval configs."""
+    batch_size: int = 64                      # images per forward
+    k_test: int = 256                         # candidates re-ranked by ITM (the original: 256 COCO, 128 Flickr30k)
+    score: Literal["itm+itc", "itm", "itc"] = "itm+itc"
+    text_batch_size: int = 256
+    itm_batch_size: int = 128                 # image-text pairs per ITM forward
+    max_txt_len: int = 35
+
+
+@dataclass
+class RetrievalConfig:
+    data: CaptionDataConfig
+    model: Blip2QformerConfig = field(default_factory=Blip2QformerConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: RetrievalEvalConfig = field(default_factory=RetrievalEvalConfig)
+
+
+def retrieval_loaders(cfg, device):
+    """{split: loader} of the evaluation splits of a stage-1 config (data.val_file, data.test_file)."""
+    return {split: eval_loader(dataset, cfg.eval.batch_size, cfg.data.num_workers, device.type == "cuda")
+            for split, dataset in eval_sets(cfg.data, cfg.model.image_size).items()}
+
+
+def retrieval_evaluator(cfg, tokenizer, device):
+    """evaluate(model, loader, header) -> metrics with the options of a stage-1 config's `eval` section."""
+    e = cfg.eval
+    return partial(evaluate_retrieval, tokenizer=tokenizer, device=device, amp=cfg.train.amp, k_test=e.k_test,
+                   score=e.score, text_batch_size=e.text_batch_size, itm_batch_size=e.itm_batch_size,
+                   max_length=e.max_txt_len)
+
+
+def main(argv=None):
+    args = parse_args(__doc__, argv, training=False)
+    cfg, device = start_run(args, RetrievalConfig)
+    loaders = retrieval_loaders(cfg, device)
+    if not loaders:
+        raise InputError(f"{args.config}: nothing to evaluate; set data.val_file and/or data.test_file")
+    model, tokenizer = create_model(cfg.model, load_bert=False)
+    load_checkpoint(model, weights_to_evaluate(args, cfg.model.pretrained))
+    model.to(device)
+    evaluate = retrieval_evaluator(cfg, tokenizer, device)
+    write_evaluation(args.output_dir, {split: evaluate(model, loader, header=split)
+                                       for split, loader in loaders.items()})
 
 
 def retrieval_metrics(scores_i2t, scores_t2i, img2txt, txt2img):
@@ -90,12 +151,6 @@ def evaluate_retrieval(model, loader, tokenizer, device, amp="off", k_test=256, 
     return retrieval_metrics(scores_i2t.cpu(), scores_t2i.cpu(), dataset.img2txt, dataset.txt2img)
 
 
-def itc_similarity(image_feats, text_feats, chunk=256):
-    """max over queries of image_feats [I, Q, E] . text_feats [T, E] -> [I, T], a chunk of images at a time so that
-    the [I, T, Q] products are never held at once."""
-    return torch.cat([torch.einsum("iqe,te->itq", part, text_feats).amax(-1) for part in image_feats.split(chunk)])
-
-
 def _itm_for_pairs(model, pairs, local_index, local_embeds, text_ids, text_mask, batch_size, device, amp, header):
     """ITM scores [I, T] for the True entries of `pairs` [I, T]: each rank scores the pairs of the images it holds;
     entries elsewhere are 0."""
@@ -116,3 +171,7 @@ def _unshard(local, total):
     padded = torch.cat([local, local.new_zeros(per_rank - len(local), *local.shape[1:])])
     gathered = all_gather_no_grad(padded).view(world, per_rank, *local.shape[1:])
     return gathered.transpose(0, 1).reshape(world * per_rank, *local.shape[1:])[:total]
+
+
+if __name__ == "__main__":
+    run_main(main)

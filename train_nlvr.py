@@ -6,7 +6,6 @@
 
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Literal, Optional
 
 import torch
 import torch.nn.functional as F
@@ -14,23 +13,9 @@ import torch.nn.functional as F
 from data.loader import eval_loader, train_loader
 from data.nlvr import NLVRDataset
 from data.transforms import eval_transform, train_transform
-from models.blip_nlvr import BlipNLVR, load_checkpoint
-from models.tokenizer import init_tokenizer
+from models.blip_nlvr import BlipNLVRConfig, create_model, load_checkpoint
 from utils import (MetricLogger, TrainConfig, all_reduce_sum, autocast, end_epoch, log, parse_args, run_main,
                    start_run, start_training, train_epoch, unwrap, weights_to_evaluate, wrap_ddp, write_evaluation)
-
-
-@dataclass
-class ModelConfig:
-    vit: Literal["tiny", "base", "large"] = "base"
-    image_size: int = 384
-    patch_size: int = 16
-    drop_path_rate: float = 0.1
-    vit_grad_ckpt: bool = False
-    vit_ckpt_layer: int = 0                  # with vit_grad_ckpt: checkpoint the last N ViT blocks
-    text_encoder: Literal["tiny", "base"] = "base"
-    tokenizer: str = "bert-base-uncased"     # hub name or local directory with vocab.txt
-    pretrained: Optional[str] = None         # path or URL: BLIP pre-trained or NLVR fine-tuned checkpoint
 
 
 @dataclass
@@ -54,15 +39,9 @@ class EvalConfig:
 @dataclass
 class NLVRConfig:
     data: DataConfig
-    model: ModelConfig = field(default_factory=ModelConfig)
+    model: BlipNLVRConfig = field(default_factory=BlipNLVRConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
-
-
-def build_model(cfg, tokenizer):
-    return BlipNLVR(vit=cfg.vit, image_size=cfg.image_size, patch_size=cfg.patch_size,
-                    drop_path_rate=cfg.drop_path_rate, grad_ckpt_layers=cfg.vit_ckpt_layer if cfg.vit_grad_ckpt else 0,
-                    text_size=cfg.text_encoder, vocab_size=len(tokenizer), enc_token_id=tokenizer.enc_token_id)
 
 
 def build_datasets(cfg, splits=("train", "val", "test")):
@@ -105,8 +84,8 @@ def main(argv=None):
     args = parse_args(__doc__, argv)
     cfg, device = start_run(args, NLVRConfig)
 
-    tokenizer = init_tokenizer(cfg.model.tokenizer)
-    model = build_model(cfg.model, tokenizer).to(device)
+    model, tokenizer = create_model(cfg.model)
+    model.to(device)
     log(f"BlipNLVR: {sum(p.numel() for p in model.parameters()) / 1e6:.1f} M parameters")
     datasets = build_datasets(cfg, ("val", "test") if args.evaluate else ("train", "val", "test"))
     pin = device.type == "cuda"
@@ -116,8 +95,8 @@ def main(argv=None):
 
     if args.evaluate:
         load_checkpoint(model, weights_to_evaluate(args, cfg.model.pretrained))
-        write_evaluation(args.output_dir, {f"{split}_{k}": v for split, loader in loaders.items()
-                                           for k, v in evaluate_split(model, loader, header=split).items()})
+        write_evaluation(args.output_dir, {split: evaluate_split(model, loader, header=split)
+                                           for split, loader in loaders.items()})
         return
 
     loader = train_loader(datasets["train"], cfg.train.batch_size, cfg.data.num_workers, cfg.train.seed, pin)

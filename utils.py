@@ -184,6 +184,14 @@ class TrainConfig:
 def load_config(path, schema, overrides=()):
     """Read the YAML file `path` (YAML 1.2: `3e-5` is a float) into the dataclass `schema`, then apply
     `key=value` overrides (dotted keys, values parsed as YAML). Unknown keys and wrong types raise InputError."""
+    cfg = _to_dataclass(schema, read_yaml(path), path, "")
+    for item in overrides:
+        _apply_override(cfg, item)
+    return cfg
+
+
+def read_yaml(path):
+    """The mapping in the YAML file `path` (empty for an empty file)."""
     try:
         with open(path) as f:
             raw = YAML(typ="safe").load(f)
@@ -191,10 +199,16 @@ def load_config(path, schema, overrides=()):
         raise InputError(f"config file {path} does not exist") from None
     except YAMLError as e:
         raise InputError(f"{path} is not valid YAML: {e}") from None
-    cfg = _to_dataclass(schema, raw or {}, path, "")
-    for item in overrides:
-        _apply_override(cfg, item)
-    return cfg
+    return raw or {}
+
+
+def config_section(path, key, hint):
+    """`key` of the YAML file `path` checked against `hint` (a dataclass or a union of them told apart by their
+    `arch`), ignoring the file's other sections."""
+    raw = read_yaml(path)
+    if not isinstance(raw, dict) or key not in raw:
+        raise InputError(f"{path} has no '{key}' section")
+    return _check_type(raw[key], hint, path, key)
 
 
 def start_run(args, schema):
@@ -212,15 +226,18 @@ def start_run(args, schema):
     return cfg, device
 
 
-def parse_args(description, argv=None):
-    """The command line every entry script shares."""
+def parse_args(description, argv=None, training=True):
+    """The command line every entry script shares (`training=False`: the evaluation scripts')."""
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True)
     parser.add_argument("--output_dir", required=True)
-    parser.add_argument("--evaluate", action="store_true", help="evaluate val and test only")
-    parser.add_argument("--checkpoint", help="with --evaluate: the weights to evaluate (default: "
-                                             "output_dir/checkpoint_best.pth, else model.pretrained)")
-    parser.add_argument("--resume", action="store_true", help="continue from output_dir/checkpoint_last.pth")
+    if training:
+        parser.add_argument("--evaluate", action="store_true", help="evaluate val and test only")
+        parser.add_argument("--checkpoint", help="with --evaluate: the weights to evaluate (default: "
+                                                 "output_dir/checkpoint_best.pth, else model.pretrained)")
+        parser.add_argument("--resume", action="store_true", help="continue from output_dir/checkpoint_last.pth")
+    else:
+        parser.add_argument("--checkpoint", help="the weights to evaluate (default: model.pretrained)")
     parser.add_argument("--device", choices=["cuda", "cpu"], help="default: cuda when available")
     parser.add_argument("--seed", type=int, help="overrides train.seed")
     parser.add_argument("--options", nargs="+", default=[], metavar="KEY=VALUE",
@@ -261,7 +278,8 @@ def _check_type(value, hint, source, key):
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
-        hint = next(a for a in args if a is not type(None))
+        options = [a for a in args if a is not type(None)]
+        hint = _schema_by_arch(options, value, source, key) if len(options) > 1 else options[0]
         return _check_type(value, hint, source, key)
     if origin is typing.Literal:
         if value not in args:
@@ -281,6 +299,16 @@ def _check_type(value, hint, source, key):
     if not isinstance(value, hint) or (hint is int and isinstance(value, bool)):
         raise InputError(f"{source}: {key} must be {hint.__name__}; got {value!r} ({type(value).__name__})")
     return value
+
+
+def _schema_by_arch(schemas, value, source, key):
+    """The one of `schemas` (dataclasses with an `arch: Literal[name]` field) that `value["arch"]` names."""
+    archs = {typing.get_args(typing.get_type_hints(schema)["arch"])[0]: schema for schema in schemas}
+    arch = value.get("arch") if isinstance(value, dict) else None
+    if arch not in archs:
+        raise InputError(f"{source}: {key}.arch must say which model this is, one of {', '.join(archs)}; "
+                         f"got {arch!r}")
+    return archs[arch]
 
 
 def _apply_override(cfg, item):
@@ -597,20 +625,40 @@ def restore_training_state(ckpt, model, optimizer, scheduler, scaler):
 # ------------------------------------------------------------------------------------------- trainer plumbing
 
 def weights_to_evaluate(args, pretrained):
-    """--evaluate's weights: --checkpoint, else output_dir/checkpoint_best.pth, else model.pretrained."""
+    """The weights to evaluate: --checkpoint, else (a trainer's --evaluate) output_dir/checkpoint_best.pth, else
+    model.pretrained."""
     best = os.path.join(args.output_dir, "checkpoint_best.pth")
-    weights = args.checkpoint or (best if os.path.exists(best) else pretrained)
+    weights = args.checkpoint or (best if getattr(args, "evaluate", False) and os.path.exists(best) else pretrained)
     if weights is None:
-        raise InputError("--evaluate needs weights: pass --checkpoint or set model.pretrained")
+        raise InputError("evaluation needs weights: pass --checkpoint or set model.pretrained")
     return weights
 
 
-def write_evaluation(output_dir, stats):
-    """Print `stats` and write them to output_dir/evaluate.txt as one JSON object."""
-    log(json.dumps(stats))
+def write_evaluation(output_dir, results):
+    """Print `results` {split: {metric: value}} as a table and write them to output_dir/evaluate.txt as one JSON
+    object {"<split>_<metric>": value}."""
+    stats = {f"{split}_{name}": value for split, metrics in results.items() for name, value in metrics.items()}
+    log(metrics_table(results))
     if is_main_process():
         with open(os.path.join(output_dir, "evaluate.txt"), "w") as f:
             f.write(json.dumps(stats) + "\n")
+    return stats
+
+
+def metrics_table(results):
+    """{row: {column: number}} -> a text table, a row per key, a column per metric (floats to 4 decimals)."""
+    columns = list(dict.fromkeys(name for metrics in results.values() for name in metrics))
+    width = {name: max(len(name), 9) for name in columns}
+    first = max([len(str(row)) for row in results] + [5])
+    lines = [" " * first + "".join(f"  {name:>{width[name]}}" for name in columns)]
+    for row, metrics in results.items():
+        cells = [_cell(metrics.get(name, ""), width[name]) for name in columns]
+        lines.append(f"{row!s:<{first}}" + "".join(f"  {cell}" for cell in cells))
+    return "\n".join(lines)
+
+
+def _cell(value, width):
+    return f"{value:>{width}.4f}" if isinstance(value, float) else f"{value!s:>{width}}"
 
 
 def resume_training(output_dir, model, optimizer, scheduler, scaler):

@@ -18,12 +18,13 @@ Evaluation (`RetrievalDataset`): Karpathy val/test, [{"image", "caption": [str, 
 import json
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Optional
 
 from PIL import Image
 from torch.utils.data import Dataset
 
-from data.transforms import train_transform
+from data.transforms import eval_transform, train_transform
 from data.utils import check_image_files, pre_caption, read_annotation
 from utils import InputError, log
 
@@ -33,6 +34,23 @@ class CaptionSource:
     """One annotation file of image-caption pairs."""
     ann_file: str
     image_root: str = "."
+
+
+@dataclass
+class CaptionDataConfig:
+    """The `data:` section of the BLIP-2 configs: training (stage 1 and 2), retrieval and caption evaluation."""
+    train: list[CaptionSource] = field(default_factory=list)
+    val_file: Optional[str] = None            # Karpathy format: [{"image", "caption": [...]}]; training needs it
+    test_file: Optional[str] = None
+    val_gt_file: Optional[str] = None         # caption metrics: COCO-format ground truth (coco_karpathy_val_gt.json);
+    test_gt_file: Optional[str] = None        # null: the captions of val_file / test_file
+    image_root: str = "."                     # of the val and test images
+    max_words: int = 50                       # training captions
+    eval_max_words: int = 30                  # retrieval texts
+    crop_scale: tuple[float, float] = (0.5, 1.0)
+    hflip: bool = True
+    num_workers: int = 4
+    skip_missing_images: bool = False         # drop training pairs whose image is missing instead of stopping
 
 
 class CaptionDataset(Dataset):
@@ -64,9 +82,13 @@ class CaptionDataset(Dataset):
 
 
 def caption_train_set(data_cfg, image_size):
-    """The CaptionDataset of a BLIP-2 config's `data` section (train, crop_scale, hflip, max_words,
-    skip_missing_images), with BLIP-2's training transform (no RandAugment)."""
+    """The CaptionDataset of a CaptionDataConfig (train, crop_scale, hflip, max_words, skip_missing_images), with
+    BLIP-2's training transform (no RandAugment). Training also needs `val_file`: the best epoch is chosen on it."""
     d = data_cfg
+    missing = [name for name, value in (("data.train", d.train), ("data.val_file", d.val_file)) if not value]
+    if missing:
+        raise InputError(f"training needs {' and '.join(missing)}: data.train lists the training annotation files "
+                         "({ann_file, image_root} each), data.val_file the split that picks the best epoch")
     transform = train_transform(image_size, d.crop_scale, randaugment=False, hflip=d.hflip)
     dataset = CaptionDataset(d.train, transform, d.max_words, d.skip_missing_images)
     log(f"train: {len(dataset)} captions of {dataset.num_images} images")
@@ -102,6 +124,13 @@ class RetrievalDataset(Dataset):
 
     def __getitem__(self, index):
         return self.transform(Image.open(self.image_paths[index]).convert("RGB")), index
+
+
+def eval_sets(data_cfg, image_size):
+    """{"val", "test": RetrievalDataset} of a CaptionDataConfig, for the splits whose file is set."""
+    files = {"val": data_cfg.val_file, "test": data_cfg.test_file}
+    return {split: RetrievalDataset(path, data_cfg.image_root, eval_transform(image_size), data_cfg.eval_max_words)
+            for split, path in files.items() if path}
 
 
 def _read_source(source, skip_missing_images):
@@ -158,9 +187,9 @@ def _parse_eval_entry(entry, where):
 def _check_fields(entry, where, expected):
     if not isinstance(entry, dict):
         raise InputError(f"{where}: expected an object with {expected}; got {entry!r:.80}")
-    for field in ("image", "caption"):
-        if field not in entry:
-            raise InputError(f"{where}: missing field '{field}'")
+    for name in ("image", "caption"):
+        if name not in entry:
+            raise InputError(f"{where}: missing field '{name}'")
     if not isinstance(entry["image"], str):
         raise InputError(f"{where}: 'image' must be an image path; got {entry['image']!r:.80}")
 

@@ -12,6 +12,8 @@ State-dict keys are LAVIS's (`blip2_pretrained_opt2.7b.pth`): `visual_encoder.*`
 
 import argparse
 import re
+from dataclasses import dataclass
+from typing import Literal, Optional
 
 import torch
 import torch.nn as nn
@@ -35,6 +37,48 @@ CHECKPOINT_URLS = {
 STAGE1_ONLY = re.compile(r"Qformer\.cls\.|Qformer\.bert\.embeddings\.(word|position)_embeddings\.|"
                          r"Qformer\.bert\.encoder\.layer\.\d+\.(intermediate|output)\.|vision_proj\.|text_proj\.|"
                          r"itm_head\.|temp$")
+
+
+@dataclass
+class Blip2OPTConfig:
+    """The `model:` section of a stage-2 config."""
+    arch: Literal["blip2_opt"] = "blip2_opt"
+    vision: Literal["eva_vit_g", "clip_vit_L", "eva_tiny"] = "eva_vit_g"
+    image_size: int = 224
+    patch_size: Optional[int] = None          # null: the encoder's own (14 for EVA ViT-g and CLIP ViT-L)
+    vit_pretrained: Optional[str] = None      # image-encoder weights (eva_vit_g.pth): path or URL; or from `pretrained`
+    freeze_vit: bool = True
+    vit_precision: Literal["fp16", "bf16", "fp32"] = "fp16"   # weights of the frozen encoder
+    drop_path_rate: float = 0.0
+    vit_grad_ckpt: bool = False
+    vit_ckpt_layer: int = 0                   # with vit_grad_ckpt: checkpoint the last N blocks (trainable ViT only)
+    qformer: Literal["tiny", "base"] = "base"
+    num_query_tokens: int = 32
+    cross_attention_freq: int = 2
+    opt_model: str = "facebook/opt-2.7b"      # hub name or local directory (model and tokenizer)
+    opt_precision: Literal["fp16", "bf16", "fp32"] = "fp16"   # weights of the frozen OPT
+    prompt: str = ""                          # precedes every caption (caption fine-tuning: "a photo of")
+    max_txt_len: int = 32                     # OPT tokens of `</s>` + prompt + caption + "\n"
+    pretrained: Optional[str] = None          # stage-1 checkpoint to start from, or a stage-2 one (LAVIS/ours/HF)
+
+
+def create_model(cfg):
+    """(Blip2OPT, the OPT tokenizer) for a Blip2OPTConfig at its start: the frozen parts from their files
+    (`opt_model`, `vit_pretrained`, the image encoder of `pretrained`), the trainable ones from `pretrained` when
+    given."""
+    opt_model, opt_tokenizer = load_opt(cfg.opt_model, cfg.opt_precision)
+    model = Blip2OPT(opt_model, opt_tokenizer, vision=cfg.vision, image_size=cfg.image_size, patch_size=cfg.patch_size,
+                     freeze_vit=cfg.freeze_vit, vit_precision=cfg.vit_precision, drop_path_rate=cfg.drop_path_rate,
+                     vit_grad_ckpt_layers=cfg.vit_ckpt_layer if cfg.vit_grad_ckpt else 0, qformer=cfg.qformer,
+                     num_query_tokens=cfg.num_query_tokens, cross_attention_freq=cfg.cross_attention_freq,
+                     prompt=cfg.prompt, max_txt_len=cfg.max_txt_len)
+    if cfg.vit_pretrained:
+        state = load_checkpoint_file(cfg.vit_pretrained)
+        load_vision_weights(model.visual_encoder, state.get("model", state))
+        model.vit_source = cfg.vit_pretrained
+    if cfg.pretrained:
+        load_checkpoint(model, cfg.pretrained)
+    return model, opt_tokenizer
 
 
 class Blip2OPT(nn.Module):

@@ -9,6 +9,8 @@ Shapes: images [B, 3, S, S]; text ids and attention mask [B, L] starting with [C
 """
 
 import argparse
+from dataclasses import dataclass
+from typing import Literal, Optional
 
 import torch
 import torch.nn as nn
@@ -16,7 +18,8 @@ import torch.nn.functional as F
 
 from models.eva_vit import create_vision_encoder, freeze_vision_encoder, load_vision_weights
 from models.generation import beam_search, nucleus_sampling
-from models.qformer import build_qformer, causal_mask_with_query_prefix, padding_mask, unilm_mask
+from models.qformer import build_qformer, causal_mask_with_query_prefix, load_bert_weights, padding_mask, unilm_mask
+from models.tokenizer import init_tokenizer
 from utils import (InputError, all_gather_no_grad, all_gather_with_grad, all_reduce_sum, get_rank, get_world_size,
                    load_checkpoint_file, log, run_main)
 
@@ -27,6 +30,56 @@ CHECKPOINT_URLS = {
 # What transformers' Blip2ForImageTextRetrieval layout has no place for (kept in a side file).
 HF_SIDE_KEYS = ("temp", "Qformer.cls.")
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass
+class Blip2QformerConfig:
+    """The `model:` section of a stage-1 config."""
+    arch: Literal["blip2_qformer"] = "blip2_qformer"
+    vision: Literal["eva_vit_g", "clip_vit_L", "eva_tiny"] = "eva_vit_g"
+    image_size: int = 224
+    patch_size: Optional[int] = None          # null: the encoder's own (14 for EVA ViT-g and CLIP ViT-L)
+    vit_pretrained: Optional[str] = None      # image-encoder weights (eva_vit_g.pth, clip_vit_L.pth): path or URL
+    freeze_vit: bool = True
+    vit_precision: Literal["fp16", "bf16", "fp32"] = "fp16"   # weights of the frozen encoder
+    drop_path_rate: float = 0.0
+    vit_grad_ckpt: bool = False
+    vit_ckpt_layer: int = 0                   # with vit_grad_ckpt: checkpoint the last N blocks (trainable ViT only)
+    qformer: Literal["tiny", "base"] = "base"
+    bert: Optional[str] = "bert-base-uncased"  # BERT weights for the Q-Former (hub name or local dir); null: random
+    tokenizer: str = "bert-base-uncased"      # hub name or local directory with vocab.txt
+    num_query_tokens: int = 32
+    cross_attention_freq: int = 2
+    embed_dim: int = 256
+    max_txt_len: int = 32
+    clamp_temp: bool = False                  # BLIP clamped the ITC temperature to [0.001, 0.5]; BLIP-2 does not
+    same_image_positives: bool = True         # captions of one image are ITC positives, never ITM negatives
+    pretrained: Optional[str] = None          # stage-1 checkpoint to start from (LAVIS or transformers layout)
+
+
+def create_model(cfg, load_bert=True):
+    """(Blip2Qformer, its tokenizer) for a Blip2QformerConfig: the image encoder from `vit_pretrained`, the Q-Former
+    from `bert` unless `load_bert` is False (a whole stage-1 checkpoint follows); `pretrained` is for
+    load_checkpoint."""
+    tokenizer = init_tokenizer(cfg.tokenizer, enc_token=False)
+    token_ids = {"bos": tokenizer.bos_token_id, "pad": tokenizer.pad_token_id, "eos": tokenizer.sep_token_id}
+    model = Blip2Qformer(token_ids, vision=cfg.vision, image_size=cfg.image_size, patch_size=cfg.patch_size,
+                         freeze_vit=cfg.freeze_vit, vit_precision=cfg.vit_precision, drop_path_rate=cfg.drop_path_rate,
+                         vit_grad_ckpt_layers=cfg.vit_ckpt_layer if cfg.vit_grad_ckpt else 0, qformer=cfg.qformer,
+                         vocab_size=len(tokenizer), num_query_tokens=cfg.num_query_tokens,
+                         cross_attention_freq=cfg.cross_attention_freq, embed_dim=cfg.embed_dim,
+                         clamp_temp=cfg.clamp_temp)
+    if cfg.vit_pretrained:
+        state = load_checkpoint_file(cfg.vit_pretrained)
+        load_vision_weights(model.visual_encoder, state.get("model", state))
+    if load_bert and cfg.bert:
+        load_bert_weights(model.Qformer, cfg.bert)
+    return model, tokenizer
+
+
+def decode_captions(tokenizer, ids):
+    """Token ids from Blip2Qformer.generate [B, T] -> B caption strings."""
+    return [caption.strip() for caption in tokenizer.batch_decode(ids, skip_special_tokens=True)]
 
 
 class Blip2Qformer(nn.Module):
@@ -179,6 +232,14 @@ def itc_similarities(image_feats, text_feat, image_feats_all, text_feat_all, tem
     sim_i2t = torch.einsum("bqe,te->btq", image_feats.float(), text_feat_all.float()).amax(-1)
     sim_t2i = torch.einsum("be,nqe->bnq", text_feat.float(), image_feats_all.float()).amax(-1)
     return sim_i2t / temp, sim_t2i / temp
+
+
+def itc_similarity(image_feats, text_feats, chunk=256):
+    """The retrieval similarity (no temperature): max over queries of image_feats [I, Q, E] . text_feats [T, E]
+    -> [I, T] in fp32, a chunk of images at a time so that the [I, T, Q] products are never held at once."""
+    text_feats = text_feats.float()
+    parts = image_feats.split(chunk)
+    return torch.cat([torch.einsum("iqe,te->itq", part.float(), text_feats).amax(-1) for part in parts])
 
 
 def positive_pairs(image_ids, batch, device):

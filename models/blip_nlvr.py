@@ -5,13 +5,31 @@ both images with `self0`/`self1` and `dense0`/`dense1`, sharing one LayerNorm), 
 """
 
 from collections import Counter
+from dataclasses import dataclass
+from typing import Literal, Optional
 
 import torch
 import torch.nn as nn
 
 from models.med import TEXT_SIZES, BertModel, BertSelfAttention, TextConfig
+from models.tokenizer import init_tokenizer
 from models.vit import create_vit, interpolate_pos_embed
 from utils import InputError, load_checkpoint_file, log
+
+
+@dataclass
+class BlipNLVRConfig:
+    """The `model:` section of an NLVR config."""
+    arch: Literal["blip_nlvr"] = "blip_nlvr"
+    vit: Literal["tiny", "base", "large"] = "base"
+    image_size: int = 384
+    patch_size: int = 16
+    drop_path_rate: float = 0.1
+    vit_grad_ckpt: bool = False
+    vit_ckpt_layer: int = 0                  # with vit_grad_ckpt: checkpoint the last N ViT blocks
+    text_encoder: Literal["tiny", "base"] = "base"
+    tokenizer: str = "bert-base-uncased"     # hub name or local directory with vocab.txt
+    pretrained: Optional[str] = None         # path or URL: BLIP pre-trained or NLVR fine-tuned checkpoint
 
 
 class TwinSelfOutput(nn.Module):
@@ -67,6 +85,15 @@ class BlipNLVR(nn.Module):
         input_ids = torch.cat([torch.full_like(input_ids[:, :1], self.enc_token_id), input_ids[:, 1:]], dim=1)
         hidden = self.text_encoder(input_ids, attention_mask, image_embeds=image_embeds.chunk(2))
         return self.cls_head(hidden[:, 0])
+
+
+def create_model(cfg):
+    """(BlipNLVR at its initialisation, its tokenizer) for a BlipNLVRConfig; weights come from load_checkpoint."""
+    tokenizer = init_tokenizer(cfg.tokenizer)
+    model = BlipNLVR(vit=cfg.vit, image_size=cfg.image_size, patch_size=cfg.patch_size,
+                     drop_path_rate=cfg.drop_path_rate, grad_ckpt_layers=cfg.vit_ckpt_layer if cfg.vit_grad_ckpt else 0,
+                     text_size=cfg.text_encoder, vocab_size=len(tokenizer), enc_token_id=tokenizer.enc_token_id)
+    return model, tokenizer
 
 
 def load_checkpoint(model, url_or_path):

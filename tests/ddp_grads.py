@@ -15,8 +15,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from data.loader import train_loader  # noqa: E402
 from data.nlvr import NLVRDataset  # noqa: E402
 from data.transforms import eval_transform  # noqa: E402
-from models.tokenizer import init_tokenizer  # noqa: E402
-from train_nlvr import NLVRConfig, build_model, nlvr_loss  # noqa: E402
+from models.blip_nlvr import create_model  # noqa: E402
+from train_nlvr import NLVRConfig, nlvr_loss  # noqa: E402
 from utils import (all_reduce_sum, cleanup_distributed, get_world_size, init_distributed, is_main_process,  # noqa: E402
                    load_config, wrap_ddp)
 
@@ -31,8 +31,8 @@ def main():
     cfg = load_config(args.config, NLVRConfig)
     device = init_distributed("cpu")
     torch.manual_seed(0)
-    tokenizer = init_tokenizer(cfg.model.tokenizer)
-    model = build_model(cfg.model, tokenizer).eval()
+    model, tokenizer = create_model(cfg.model)
+    model.eval()
     dataset = NLVRDataset(cfg.data.train_file, cfg.data.image_root, eval_transform(cfg.model.image_size))
     loader = train_loader(dataset, args.batch_size, num_workers=0, seed=cfg.train.seed)
     loader.sampler.set_epoch(0)

@@ -6,6 +6,7 @@ import torch
 
 import train_blip2_stage2
 from data.utils import read_annotation
+from models.blip2_opt import create_model
 from models.blip2_qformer import Blip2Qformer
 from tests.conftest import read_log
 from train_demo_lm import build_demo_opt, build_demo_tokenizer
@@ -138,7 +139,7 @@ def test_evaluating_a_checkpoint_without_its_image_encoder_source_is_refused(dem
     out = tmp_path / "out"
     out.mkdir()
     config = stage2_config(tmp_path, demo_data, opt_dir)
-    model = train_blip2_stage2.build_model(load_config(
+    model, _ = create_model(load_config(
         str(stage2_config(tmp_path, demo_data, opt_dir, stage1_checkpoint)), train_blip2_stage2.Stage2Config).model)
     torch.save({"model": model.state_dict(), "config": {"model": {"pretrained": str(stage1_checkpoint)}}},
                out / "stage2.pth")

@@ -1,0 +1,122 @@
+"""Inference with this repository's models: the counterpart of LAVIS's `load_model_and_preprocess`.
+
+    from models.inference import caption_images, image_text_scores, load_model_and_preprocess, predict_nlvr
+
+    model, image_processor, text_processor = load_model_and_preprocess(
+        "configs/blip2_caption_coco.yaml", "blip2_caption_opt2.7b.pth", device="cuda")
+    caption_images(model, image_processor, text_processor, ["cat.jpg", "dog.jpg"], num_beams=5)
+
+The config is any of the repository's YAML files (only its `model:` section is read, and `model.arch` picks the
+model): `blip_nlvr` (predict_nlvr), `blip2_qformer` (image_text_scores, and captions from its ITG decoder) or
+`blip2_opt` (caption_images). Images are file paths or PIL images, preprocessed as in evaluation.
+"""
+
+import torch
+from PIL import Image
+
+from data.transforms import eval_transform
+from data.utils import pre_caption
+from models import blip2_opt, blip2_qformer, blip_nlvr
+from models.blip2_opt import Blip2OPT, Blip2OPTConfig
+from models.blip2_qformer import Blip2Qformer, Blip2QformerConfig, decode_captions, itc_similarity
+from models.blip_nlvr import BlipNLVR, BlipNLVRConfig
+from utils import InputError, config_section
+
+# Caption cleaning and text length of the original evaluations: NLVR2 40 words; COCO/Flickr retrieval 30 words,
+# 35 tokens.
+MAX_WORDS = {"blip_nlvr": 40, "blip2_qformer": 30, "blip2_opt": 30}
+MAX_TOKENS = {"blip_nlvr": 512, "blip2_qformer": 35, "blip2_opt": 32}
+
+
+class ImageProcessor:
+    """Image files or PIL images -> the model's evaluation input [B, 3, S, S] on `device`."""
+
+    def __init__(self, image_size, device):
+        self.transform, self.device = eval_transform(image_size), torch.device(device)
+
+    def __call__(self, images):
+        return torch.stack([self.transform(_open(image)) for image in images]).to(self.device)
+
+
+class TextProcessor:
+    """Strings -> (input_ids, attention_mask) [B, L] on `device`, after BLIP's caption cleaning (pre_caption)."""
+
+    def __init__(self, tokenizer, max_words, max_length, device):
+        self.tokenizer, self.max_words, self.max_length = tokenizer, max_words, max_length
+        self.device = torch.device(device)
+
+    def __call__(self, texts):
+        tokens = self.tokenizer([pre_caption(text, self.max_words) for text in texts], padding="longest",
+                                truncation=True, max_length=self.max_length, return_tensors="pt")
+        return tokens.input_ids.to(self.device), tokens.attention_mask.to(self.device)
+
+
+def _open(image):
+    if isinstance(image, Image.Image):
+        return image.convert("RGB")
+    try:
+        return Image.open(image).convert("RGB")
+    except (FileNotFoundError, OSError) as e:
+        raise InputError(f"cannot read image {image}: {e}") from None
+
+
+def load_model_and_preprocess(config, checkpoint=None, device="cpu"):
+    """(model in eval mode on `device`, ImageProcessor, TextProcessor) of the `model:` section of the YAML file
+    `config`, with the weights of `checkpoint` (a path or URL; default: model.pretrained)."""
+    cfg = config_section(config, "model", BlipNLVRConfig | Blip2QformerConfig | Blip2OPTConfig)
+    weights = checkpoint or cfg.pretrained
+    if weights is None:
+        raise InputError(f"{config}: no weights to load; pass a checkpoint or set model.pretrained")
+    if cfg.arch == "blip_nlvr":
+        model, tokenizer = blip_nlvr.create_model(cfg)
+        blip_nlvr.load_checkpoint(model, weights)
+    elif cfg.arch == "blip2_qformer":
+        model, tokenizer = blip2_qformer.create_model(cfg, load_bert=False)
+        blip2_qformer.load_checkpoint(model, weights)
+    else:
+        model, tokenizer = blip2_opt.create_model(cfg)
+        if weights != cfg.pretrained:
+            blip2_opt.load_checkpoint(model, weights)
+    model.to(device).eval()
+    return (model, ImageProcessor(cfg.image_size, device),
+            TextProcessor(tokenizer, MAX_WORDS[cfg.arch], MAX_TOKENS[cfg.arch], device))
+
+
+@torch.no_grad()
+def caption_images(model, image_processor, text_processor, images, **options):
+    """One caption per image with a Blip2OPT (its prompt not included) or a Blip2Qformer's ITG decoder; `options`
+    go to beam search (num_beams, max_new_tokens, min_new_tokens, repetition_penalty, length_penalty, ...)."""
+    pixels = image_processor(images)
+    if isinstance(model, Blip2OPT):
+        return model.caption(pixels, **options)
+    if isinstance(model, Blip2Qformer):
+        return decode_captions(text_processor.tokenizer, model.generate(pixels, **options))
+    raise InputError(f"{type(model).__name__} does not caption; use a blip2_opt or blip2_qformer config")
+
+
+@torch.no_grad()
+def image_text_scores(model, image_processor, text_processor, images, texts, pairs_per_batch=128):
+    """Scores of every image with every text, {"itc": [I, T], "itm": [I, T]}: the ITC cosine similarity (max over
+    queries, as retrieval ranks) and the ITM probability that the pair matches."""
+    if not isinstance(model, Blip2Qformer):
+        raise InputError(f"{type(model).__name__} has no ITC/ITM heads; use a blip2_qformer config")
+    image_embeds = model.image_embeddings(image_processor(images))
+    input_ids, attention_mask = text_processor(texts)
+    itc = itc_similarity(model.image_features(image_embeds), model.text_features(input_ids, attention_mask))
+    image_index, text_index = (index.flatten() for index in torch.meshgrid(
+        torch.arange(itc.shape[0]), torch.arange(itc.shape[1]), indexing="ij"))
+    itm = torch.cat([model.itm_logits(image_embeds[i], input_ids[t], attention_mask[t]).float().softmax(-1)[:, 1]
+                     for i, t in zip(image_index.split(pairs_per_batch), text_index.split(pairs_per_batch))])
+    itm = itm.view(itc.shape)
+    return {"itc": itc.cpu(), "itm": itm.cpu()}
+
+
+@torch.no_grad()
+def predict_nlvr(model, image_processor, text_processor, image0, image1, sentence):
+    """Whether `sentence` holds for the image pair: {"true": bool, "probability": P(true)}."""
+    if not isinstance(model, BlipNLVR):
+        raise InputError(f"{type(model).__name__} does not predict NLVR; use a blip_nlvr config")
+    pixels = image_processor([image0, image1])
+    input_ids, attention_mask = text_processor([sentence])
+    probability = model(pixels[:1], pixels[1:], input_ids, attention_mask).float().softmax(-1)[0, 1].item()
+    return {"true": probability > 0.5, "probability": probability}
