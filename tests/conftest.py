@@ -26,6 +26,7 @@ def nlvr_config(directory, data_dir):
     path = Path(directory) / "nlvr.yaml"
     path.write_text(f"""
 model:
+  arch: blip_nlvr
   vit: tiny
   image_size: 32
   drop_path_rate: 0.1

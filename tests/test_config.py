@@ -1,9 +1,14 @@
 import dataclasses
+import re
 
 import pytest
 
+from eval_caption import CaptionConfig
+from models.blip2_opt import Blip2OPTConfig
+from models.blip2_qformer import Blip2QformerConfig
+from models.blip_nlvr import BlipNLVRConfig
 from train_nlvr import NLVRConfig
-from utils import InputError, load_config, save_config
+from utils import InputError, config_section, load_config, metrics_table, save_config
 
 BASE = """
 data:
@@ -73,3 +78,47 @@ def test_saved_config_loads_back_identically(tmp_path):
     save_config(cfg, tmp_path / "saved.yaml")
     again = load_config(tmp_path / "saved.yaml", NLVRConfig)
     assert dataclasses.asdict(again) == dataclasses.asdict(cfg)
+
+
+CAPTION = "data:\n  test_file: t.json\nmodel:\n  arch: {arch}\n  {key}: {value}\n"
+
+
+@pytest.mark.parametrize("arch, key, value, schema", [
+    ("blip2_opt", "prompt", "a photo of", Blip2OPTConfig),
+    ("blip2_qformer", "embed_dim", 64, Blip2QformerConfig),
+])
+def test_model_section_is_read_by_its_arch(tmp_path, arch, key, value, schema):
+    cfg = load_config(write(tmp_path, CAPTION.format(arch=arch, key=key, value=value)), CaptionConfig,
+                      ["model.num_query_tokens=8"])
+    assert type(cfg.model) is schema and getattr(cfg.model, key) == value and cfg.model.num_query_tokens == 8
+
+
+@pytest.mark.parametrize("text, message", [
+    ("data: {}\nmodel:\n  prompt: hi\n", "model.arch must say which model this is, one of blip2_opt, blip2_qformer; "
+                                         "got None"),
+    ("data: {}\nmodel:\n  arch: blip_nlvr\n", "got 'blip_nlvr'"),
+    ("data: {}\nmodel:\n  arch: blip2_qformer\n  prompt: hi\n", "unknown key 'model.prompt'"),
+])
+def test_model_section_without_a_known_arch_is_refused(tmp_path, text, message):
+    with pytest.raises(InputError, match=re.escape(message)):
+        load_config(write(tmp_path, text), CaptionConfig)
+
+
+def test_trainer_refuses_another_models_arch(tmp_path):
+    with pytest.raises(InputError, match=re.escape("model.arch must be one of blip_nlvr; got 'blip2_opt'")):
+        load_config(write(tmp_path, BASE + "model:\n  arch: blip2_opt\n"), NLVRConfig)
+
+
+def test_config_section_ignores_the_other_sections(tmp_path):
+    path = write(tmp_path, BASE + "model:\n  arch: blip_nlvr\n  vit: tiny\ntrain:\n  whatever: 1\n")
+    cfg = config_section(path, "model", BlipNLVRConfig | Blip2OPTConfig)
+    assert cfg == BlipNLVRConfig(vit="tiny")
+    with pytest.raises(InputError, match="has no 'model' section"):
+        config_section(write(tmp_path, BASE), "model", BlipNLVRConfig)
+
+
+def test_metrics_table_has_a_row_per_split_and_a_column_per_metric():
+    table = metrics_table({"val": {"r1": 12.5, "n": 10}, "test_text_only": {"r1": 1.0, "CIDEr": 0.123456}})
+    header, *rows = [line.split() for line in table.splitlines()]
+    assert header == ["r1", "n", "CIDEr"]
+    assert rows == [["val", "12.5000", "10"], ["test_text_only", "1.0000", "0.1235"]]

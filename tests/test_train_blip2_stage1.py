@@ -16,6 +16,7 @@ def stage1_config(directory, data_dir, train_files=None):
     path = Path(directory) / "stage1.yaml"
     path.write_text(f"""
 model:
+  arch: blip2_qformer
   vision: eva_tiny
   image_size: 32
   patch_size: 16

@@ -41,6 +41,7 @@ def stage2_config(directory, data_dir, opt_dir, pretrained=None):
     path = Path(directory) / ("stage2_from_stage1.yaml" if pretrained else "stage2.yaml")
     path.write_text(f"""
 model:
+  arch: blip2_opt
   vision: eva_tiny
   image_size: 32
   patch_size: 16
