@@ -22,10 +22,10 @@ from models.blip2_qformer import Blip2Qformer, Blip2QformerConfig, decode_captio
 from models.blip_nlvr import BlipNLVR, BlipNLVRConfig
 from utils import InputError, config_section
 
-# Caption cleaning and text length of the original evaluations: NLVR2 40 words; COCO/Flickr retrieval 30 words,
-# 35 tokens.
+# Caption cleaning and text length of the original evaluations: NLVR2 40 words (tokens up to the text encoder's
+# positions, as train_nlvr.py); COCO/Flickr retrieval 30 words, 35 tokens.
 MAX_WORDS = {"blip_nlvr": 40, "blip2_qformer": 30, "blip2_opt": 30}
-MAX_TOKENS = {"blip_nlvr": 512, "blip2_qformer": 35, "blip2_opt": 32}
+MAX_TOKENS = {"blip2_qformer": 35, "blip2_opt": 32}
 
 
 class ImageProcessor:
@@ -64,7 +64,7 @@ def load_model_and_preprocess(config, checkpoint=None, device="cpu"):
     """(model in eval mode on `device`, ImageProcessor, TextProcessor) of the `model:` section of the YAML file
     `config`, with the weights of `checkpoint` (a path or URL; default: model.pretrained)."""
     cfg = config_section(config, "model", BlipNLVRConfig | Blip2QformerConfig | Blip2OPTConfig)
-    weights = checkpoint or cfg.pretrained
+    weights = str(checkpoint) if checkpoint else cfg.pretrained
     if weights is None:
         raise InputError(f"{config}: no weights to load; pass a checkpoint or set model.pretrained")
     if cfg.arch == "blip_nlvr":
@@ -78,8 +78,10 @@ def load_model_and_preprocess(config, checkpoint=None, device="cpu"):
         if weights != cfg.pretrained:
             blip2_opt.load_checkpoint(model, weights)
     model.to(device).eval()
-    return (model, ImageProcessor(cfg.image_size, device),
-            TextProcessor(tokenizer, MAX_WORDS[cfg.arch], MAX_TOKENS[cfg.arch], device))
+    max_tokens = (model.text_encoder.config.max_position_embeddings if cfg.arch == "blip_nlvr"
+                  else MAX_TOKENS[cfg.arch])
+    return model, ImageProcessor(cfg.image_size, device), TextProcessor(tokenizer, MAX_WORDS[cfg.arch], max_tokens,
+                                                                         device)
 
 
 @torch.no_grad()

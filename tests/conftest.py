@@ -5,8 +5,12 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from data.synthetic import generate
+from data.utils import read_annotation
+from models.blip2_qformer import Blip2Qformer
+from train_demo_lm import build_demo_opt, build_demo_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -19,6 +23,29 @@ def demo_data(tmp_path_factory):
     generate(str(out), seed=0, num_train=16, num_val=5, num_test=5, image_size=32, num_caption_train=24,
              num_caption_val=8, num_caption_test=8)
     return out
+
+
+@pytest.fixture(scope="session")
+def opt_dir(demo_data, tmp_path_factory):
+    """A randomly initialised tiny OPT with a tokenizer of the demo captions, saved like facebook/opt-*."""
+    out = tmp_path_factory.mktemp("opt")
+    texts = [entry["caption"] + "\n" for entry in read_annotation(str(demo_data / "coco_karpathy_train.json"))]
+    tokenizer = build_demo_tokenizer(texts)
+    torch.manual_seed(0)
+    build_demo_opt(tokenizer, hidden_size=32, num_layers=2, num_heads=2, ffn_dim=64).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def stage1_checkpoint(tmp_path_factory):
+    """A random tiny stage-1 model in LAVIS's layout, image encoder included."""
+    path = tmp_path_factory.mktemp("stage1") / "stage1.pth"
+    torch.manual_seed(1)
+    model = Blip2Qformer({"bos": 40, "pad": 0, "eos": 3}, vision="eva_tiny", image_size=32, patch_size=16,
+                         qformer="tiny", vocab_size=41, num_query_tokens=4, vit_precision="fp32")
+    torch.save({"model": model.state_dict()}, path)
+    return path
 
 
 def nlvr_config(directory, data_dir):

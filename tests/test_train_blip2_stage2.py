@@ -5,35 +5,9 @@ import pytest
 import torch
 
 import train_blip2_stage2
-from data.utils import read_annotation
 from models.blip2_opt import create_model
-from models.blip2_qformer import Blip2Qformer
 from tests.conftest import read_log
-from train_demo_lm import build_demo_opt, build_demo_tokenizer
 from utils import InputError, load_config
-
-
-@pytest.fixture(scope="module")
-def opt_dir(demo_data, tmp_path_factory):
-    """A randomly initialised tiny OPT with a tokenizer of the demo captions, saved like facebook/opt-*."""
-    out = tmp_path_factory.mktemp("opt")
-    texts = [entry["caption"] + "\n" for entry in read_annotation(str(demo_data / "coco_karpathy_train.json"))]
-    tokenizer = build_demo_tokenizer(texts)
-    torch.manual_seed(0)
-    build_demo_opt(tokenizer, hidden_size=32, num_layers=2, num_heads=2, ffn_dim=64).save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    return out
-
-
-@pytest.fixture(scope="module")
-def stage1_checkpoint(tmp_path_factory):
-    """A random tiny stage-1 model in LAVIS's layout, image encoder included."""
-    path = tmp_path_factory.mktemp("stage1") / "stage1.pth"
-    torch.manual_seed(1)
-    model = Blip2Qformer({"bos": 40, "pad": 0, "eos": 3}, vision="eva_tiny", image_size=32, patch_size=16,
-                         qformer="tiny", vocab_size=41, num_query_tokens=4, vit_precision="fp32")
-    torch.save({"model": model.state_dict()}, path)
-    return path
 
 
 def stage2_config(directory, data_dir, opt_dir, pretrained=None):
