@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from transformers import AutoTokenizer, OPTForCausalLM
 
 from models.blip2_qformer import PRECISIONS, hf_to_lavis, lavis_to_hf
-from models.eva_vit import create_vision_encoder, freeze_vision_encoder, load_vision_weights
+from models.eva_vit import VisionConfig, create_vision_encoder, freeze_vision_encoder, load_vision_file, load_vision_weights
 from models.qformer import build_qformer
 from utils import InputError, all_reduce_sum, get_world_size, load_checkpoint_file, log, run_main
 
@@ -40,18 +40,9 @@ STAGE1_ONLY = re.compile(r"Qformer\.cls\.|Qformer\.bert\.embeddings\.(word|posit
 
 
 @dataclass
-class Blip2OPTConfig:
+class Blip2OPTConfig(VisionConfig):
     """The `model:` section of a stage-2 config."""
     arch: Literal["blip2_opt"] = "blip2_opt"
-    vision: Literal["eva_vit_g", "clip_vit_L", "eva_tiny"] = "eva_vit_g"
-    image_size: int = 224
-    patch_size: Optional[int] = None          # null: the encoder's own (14 for EVA ViT-g and CLIP ViT-L)
-    vit_pretrained: Optional[str] = None      # image-encoder weights (eva_vit_g.pth): path or URL; or from `pretrained`
-    freeze_vit: bool = True
-    vit_precision: Literal["fp16", "bf16", "fp32"] = "fp16"   # weights of the frozen encoder
-    drop_path_rate: float = 0.0
-    vit_grad_ckpt: bool = False
-    vit_ckpt_layer: int = 0                   # with vit_grad_ckpt: checkpoint the last N blocks (trainable ViT only)
     qformer: Literal["tiny", "base"] = "base"
     num_query_tokens: int = 32
     cross_attention_freq: int = 2
@@ -67,14 +58,11 @@ def create_model(cfg):
     (`opt_model`, `vit_pretrained`, the image encoder of `pretrained`), the trainable ones from `pretrained` when
     given."""
     opt_model, opt_tokenizer = load_opt(cfg.opt_model, cfg.opt_precision)
-    model = Blip2OPT(opt_model, opt_tokenizer, vision=cfg.vision, image_size=cfg.image_size, patch_size=cfg.patch_size,
-                     freeze_vit=cfg.freeze_vit, vit_precision=cfg.vit_precision, drop_path_rate=cfg.drop_path_rate,
-                     vit_grad_ckpt_layers=cfg.vit_ckpt_layer if cfg.vit_grad_ckpt else 0, qformer=cfg.qformer,
+    model = Blip2OPT(opt_model, opt_tokenizer, **cfg.encoder_kwargs(), qformer=cfg.qformer,
                      num_query_tokens=cfg.num_query_tokens, cross_attention_freq=cfg.cross_attention_freq,
                      prompt=cfg.prompt, max_txt_len=cfg.max_txt_len)
     if cfg.vit_pretrained:
-        state = load_checkpoint_file(cfg.vit_pretrained)
-        load_vision_weights(model.visual_encoder, state.get("model", state))
+        load_vision_file(model.visual_encoder, cfg.vit_pretrained)
         model.vit_source = cfg.vit_pretrained
     if cfg.pretrained:
         load_checkpoint(model, cfg.pretrained)

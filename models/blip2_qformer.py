@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from models.eva_vit import create_vision_encoder, freeze_vision_encoder, load_vision_weights
+from models.eva_vit import VisionConfig, create_vision_encoder, freeze_vision_encoder, load_vision_file, load_vision_weights
 from models.generation import beam_search, nucleus_sampling
 from models.qformer import build_qformer, causal_mask_with_query_prefix, load_bert_weights, padding_mask, unilm_mask
 from models.tokenizer import init_tokenizer
@@ -33,18 +33,9 @@ PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float
 
 
 @dataclass
-class Blip2QformerConfig:
+class Blip2QformerConfig(VisionConfig):
     """The `model:` section of a stage-1 config."""
     arch: Literal["blip2_qformer"] = "blip2_qformer"
-    vision: Literal["eva_vit_g", "clip_vit_L", "eva_tiny"] = "eva_vit_g"
-    image_size: int = 224
-    patch_size: Optional[int] = None          # null: the encoder's own (14 for EVA ViT-g and CLIP ViT-L)
-    vit_pretrained: Optional[str] = None      # image-encoder weights (eva_vit_g.pth, clip_vit_L.pth): path or URL
-    freeze_vit: bool = True
-    vit_precision: Literal["fp16", "bf16", "fp32"] = "fp16"   # weights of the frozen encoder
-    drop_path_rate: float = 0.0
-    vit_grad_ckpt: bool = False
-    vit_ckpt_layer: int = 0                   # with vit_grad_ckpt: checkpoint the last N blocks (trainable ViT only)
     qformer: Literal["tiny", "base"] = "base"
     bert: Optional[str] = "bert-base-uncased"  # BERT weights for the Q-Former (hub name or local dir); null: random
     tokenizer: str = "bert-base-uncased"      # hub name or local directory with vocab.txt
@@ -63,15 +54,12 @@ def create_model(cfg, load_bert=True):
     load_checkpoint."""
     tokenizer = init_tokenizer(cfg.tokenizer, enc_token=False)
     token_ids = {"bos": tokenizer.bos_token_id, "pad": tokenizer.pad_token_id, "eos": tokenizer.sep_token_id}
-    model = Blip2Qformer(token_ids, vision=cfg.vision, image_size=cfg.image_size, patch_size=cfg.patch_size,
-                         freeze_vit=cfg.freeze_vit, vit_precision=cfg.vit_precision, drop_path_rate=cfg.drop_path_rate,
-                         vit_grad_ckpt_layers=cfg.vit_ckpt_layer if cfg.vit_grad_ckpt else 0, qformer=cfg.qformer,
+    model = Blip2Qformer(token_ids, **cfg.encoder_kwargs(), qformer=cfg.qformer,
                          vocab_size=len(tokenizer), num_query_tokens=cfg.num_query_tokens,
                          cross_attention_freq=cfg.cross_attention_freq, embed_dim=cfg.embed_dim,
                          clamp_temp=cfg.clamp_temp)
     if cfg.vit_pretrained:
-        state = load_checkpoint_file(cfg.vit_pretrained)
-        load_vision_weights(model.visual_encoder, state.get("model", state))
+        load_vision_file(model.visual_encoder, cfg.vit_pretrained)
     if load_bert and cfg.bert:
         load_bert_weights(model.Qformer, cfg.bert)
     return model, tokenizer

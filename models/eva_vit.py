@@ -11,6 +11,8 @@ BLIP-2 trains with.
 """
 
 from collections import Counter, OrderedDict
+from dataclasses import dataclass
+from typing import Literal, Optional
 
 import torch
 import torch.nn as nn
@@ -19,10 +21,30 @@ from timm.layers import DropPath, Mlp, PatchEmbed, trunc_normal_
 from torch.utils.checkpoint import checkpoint
 
 from models.vit import init_vit_weights, interpolate_pos_embed
-from utils import InputError, log
+from utils import InputError, load_checkpoint_file, log
 
 _LAVIS_BLIP2 = "https://storage.googleapis.com/sfr-vision-language-research/LAVIS/models/BLIP2"
 VISION_WEIGHT_URLS = {"eva_vit_g": f"{_LAVIS_BLIP2}/eva_vit_g.pth", "clip_vit_L": f"{_LAVIS_BLIP2}/clip_vit_L.pth"}
+
+
+@dataclass
+class VisionConfig:
+    """The image-encoder keys of the BLIP-2 `model:` config sections."""
+    vision: Literal["eva_vit_g", "clip_vit_L", "eva_tiny"] = "eva_vit_g"
+    image_size: int = 224
+    patch_size: Optional[int] = None          # null: the encoder's own (14 for EVA ViT-g and CLIP ViT-L)
+    vit_pretrained: Optional[str] = None      # image-encoder weights (eva_vit_g.pth, clip_vit_L.pth): path or URL
+    freeze_vit: bool = True
+    vit_precision: Literal["fp16", "bf16", "fp32"] = "fp16"   # weights of the frozen encoder
+    drop_path_rate: float = 0.0
+    vit_grad_ckpt: bool = False
+    vit_ckpt_layer: int = 0                   # with vit_grad_ckpt: checkpoint the last N blocks (trainable ViT only)
+
+    def encoder_kwargs(self):
+        """The image-encoder arguments of Blip2Qformer and Blip2OPT."""
+        return dict(vision=self.vision, image_size=self.image_size, patch_size=self.patch_size,
+                    freeze_vit=self.freeze_vit, vit_precision=self.vit_precision, drop_path_rate=self.drop_path_rate,
+                    vit_grad_ckpt_layers=self.vit_ckpt_layer if self.vit_grad_ckpt else 0)
 
 
 def _self_attention(x, weight, bias, num_heads):
@@ -214,6 +236,12 @@ def freeze_vision_encoder(encoder, dtype):
     encoder.to(dtype)
     encoder.frozen = True
     return encoder.eval()
+
+
+def load_vision_file(encoder, url_or_path):
+    """load_vision_weights from a checkpoint file (path or URL): an encoder's own (eva_vit_g.pth) or a model's."""
+    state = load_checkpoint_file(url_or_path)
+    load_vision_weights(encoder, state.get("model", state))
 
 
 def load_vision_weights(encoder, state_dict):
