@@ -35,9 +35,9 @@ from pycocoevalcap.tokenizer.ptbtokenizer import PUNCTUATIONS, PTBTokenizer
 from data.caption import CaptionDataConfig, _parse_eval_entry, _unique_image_ids, eval_sets
 from data.loader import eval_loader
 from data.utils import read_annotation
-from models import blip2_opt, blip2_qformer
 from models.blip2_opt import Blip2OPT, Blip2OPTConfig
 from models.blip2_qformer import Blip2QformerConfig, decode_captions
+from models.inference import load_model
 from utils import (InputError, MetricLogger, TrainConfig, all_gather_object, autocast, broadcast_from_main,
                    is_main_process, log, parse_args, run_main, start_run, weights_to_evaluate, write_evaluation)
 
@@ -296,26 +296,14 @@ def evaluate_splits(model, tokenizer, cfg, sets, device, output_dir):
     return results
 
 
-def load_captioner(cfg, checkpoint):
-    """(model in eval mode, tokenizer) of a Blip2OPTConfig or Blip2QformerConfig with the weights of `checkpoint`."""
-    if cfg.arch == "blip2_opt":
-        model, tokenizer = blip2_opt.create_model(cfg)  # loads model.pretrained: the frozen encoder may be there
-        if checkpoint != cfg.pretrained:
-            blip2_opt.load_checkpoint(model, checkpoint)
-    else:
-        model, tokenizer = blip2_qformer.create_model(cfg, load_bert=False)
-        blip2_qformer.load_checkpoint(model, checkpoint)
-    return model.eval(), tokenizer
-
-
 def main(argv=None):
     args = parse_args(__doc__, argv, training=False)
     cfg, device = start_run(args, CaptionConfig)
     sets = caption_eval_sets(cfg, device)
     if not sets:
         raise InputError(f"{args.config}: nothing to evaluate; set data.val_file and/or data.test_file")
-    model, tokenizer = load_captioner(cfg.model, weights_to_evaluate(args, cfg.model.pretrained))
-    model.to(device)
+    model, tokenizer = load_model(cfg.model, weights_to_evaluate(args, cfg.model.pretrained))
+    model.to(device).eval()
     write_evaluation(args.output_dir, evaluate_splits(model, tokenizer, cfg, sets, device, args.output_dir))
 
 if __name__ == "__main__":

@@ -18,7 +18,8 @@ import torch
 
 from data.caption import CaptionDataConfig, eval_sets
 from data.loader import eval_loader
-from models.blip2_qformer import Blip2QformerConfig, create_model, itc_similarity, load_checkpoint
+from models.blip2_qformer import Blip2QformerConfig, itc_similarity
+from models.inference import load_model
 from utils import (AMP_DTYPES, InputError, MetricLogger, TrainConfig, all_gather_no_grad, all_reduce_sum, autocast,
                    get_rank, get_world_size, parse_args, run_main, start_run, unwrap, weights_to_evaluate,
                    write_evaluation)
@@ -63,8 +64,7 @@ def main(argv=None):
     loaders = retrieval_loaders(cfg, device)
     if not loaders:
         raise InputError(f"{args.config}: nothing to evaluate; set data.val_file and/or data.test_file")
-    model, tokenizer = create_model(cfg.model, load_bert=False)
-    load_checkpoint(model, weights_to_evaluate(args, cfg.model.pretrained))
+    model, tokenizer = load_model(cfg.model, weights_to_evaluate(args, cfg.model.pretrained))
     model.to(device)
     evaluate = retrieval_evaluator(cfg, tokenizer, device)
     write_evaluation(args.output_dir, {split: evaluate(model, loader, header=split)

@@ -67,21 +67,28 @@ def load_model_and_preprocess(config, checkpoint=None, device="cpu"):
     weights = str(checkpoint) if checkpoint else cfg.pretrained
     if weights is None:
         raise InputError(f"{config}: no weights to load; pass a checkpoint or set model.pretrained")
-    if cfg.arch == "blip_nlvr":
-        model, tokenizer = blip_nlvr.create_model(cfg)
-        blip_nlvr.load_checkpoint(model, weights)
-    elif cfg.arch == "blip2_qformer":
-        model, tokenizer = blip2_qformer.create_model(cfg, load_bert=False)
-        blip2_qformer.load_checkpoint(model, weights)
-    else:
-        model, tokenizer = blip2_opt.create_model(cfg)
-        if weights != cfg.pretrained:
-            blip2_opt.load_checkpoint(model, weights)
+    model, tokenizer = load_model(cfg, weights)
     model.to(device).eval()
     max_tokens = (model.text_encoder.config.max_position_embeddings if cfg.arch == "blip_nlvr"
                   else MAX_TOKENS[cfg.arch])
     return model, ImageProcessor(cfg.image_size, device), TextProcessor(tokenizer, MAX_WORDS[cfg.arch], max_tokens,
                                                                          device)
+
+
+def load_model(cfg, checkpoint):
+    """(model, tokenizer) of a BlipNLVRConfig, Blip2QformerConfig or Blip2OPTConfig with the weights of
+    `checkpoint`; a Blip2OPT's frozen parts come from the files its config names."""
+    if cfg.arch == "blip_nlvr":
+        model, tokenizer = blip_nlvr.create_model(cfg)
+        blip_nlvr.load_checkpoint(model, checkpoint)
+    elif cfg.arch == "blip2_qformer":
+        model, tokenizer = blip2_qformer.create_model(cfg, load_bert=False)
+        blip2_qformer.load_checkpoint(model, checkpoint)
+    else:
+        model, tokenizer = blip2_opt.create_model(cfg)  # loads model.pretrained: the frozen encoder may be there
+        if checkpoint != cfg.pretrained:
+            blip2_opt.load_checkpoint(model, checkpoint)
+    return model, tokenizer
 
 
 @torch.no_grad()
