@@ -642,7 +642,6 @@ def write_evaluation(output_dir, results):
     if is_main_process():
         with open(os.path.join(output_dir, "evaluate.txt"), "w") as f:
             f.write(json.dumps(stats) + "\n")
-    return stats
 
 
 def metrics_table(results):
