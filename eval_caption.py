@@ -34,7 +34,7 @@ from pycocoevalcap.tokenizer.ptbtokenizer import PUNCTUATIONS, PTBTokenizer
 
 from data.caption import CaptionDataConfig, _parse_eval_entry, _unique_image_ids, eval_sets
 from data.loader import eval_loader
-from data.utils import read_annotation
+from data.utils import read_annotation, read_json
 from models.blip2_opt import Blip2OPT, Blip2OPTConfig
 from models.blip2_qformer import Blip2QformerConfig, decode_captions
 from models.inference import load_model
@@ -127,13 +127,7 @@ def _check_each_once(indices, num_images):
 def ground_truth_from_coco(path):
     """{image_id: [captions]} from a COCO caption ground-truth file ({"annotations": [{"image_id", "caption"}]},
     such as coco_karpathy_val_gt.json)."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-    except FileNotFoundError:
-        raise InputError(f"caption ground-truth file {path} does not exist") from None
-    except json.JSONDecodeError as e:
-        raise InputError(f"caption ground-truth file {path} is not valid JSON: {e}") from None
+    data = read_json(path, "caption ground-truth file")
     if not isinstance(data, dict) or not isinstance(data.get("annotations"), list):
         raise InputError(f"{path}: expected COCO caption ground truth, an object whose 'annotations' list holds "
                          "{'image_id', 'caption'} objects (such as coco_karpathy_val_gt.json)")
@@ -284,8 +278,10 @@ def evaluate_split(caption_fn, loader, ground_truth, header, results_path):
 
 
 def evaluate_splits(model, tokenizer, cfg, sets, device, output_dir):
-    """{split: metrics} for `sets` (caption_eval_sets), captions written to output_dir/<split>_captions.json; with
-    a Blip2OPT and eval.text_only_baseline also "test_text_only", the frozen OPT's scores without images."""
+    """{split: metrics} of `model` in eval mode for `sets` (caption_eval_sets), captions written to
+    output_dir/<split>_captions.json; with a Blip2OPT and eval.text_only_baseline also "test_text_only", the frozen
+    OPT's scores without images."""
+    model.eval()
     options = generation_options(cfg.eval)
     caption_fn = caption_function(model, tokenizer, options, device, cfg.train.amp)
     results = {split: evaluate_split(caption_fn, loader, truth, split,
@@ -303,7 +299,7 @@ def main(argv=None):
     if not sets:
         raise InputError(f"{args.config}: nothing to evaluate; set data.val_file and/or data.test_file")
     model, tokenizer = load_model(cfg.model, weights_to_evaluate(args, cfg.model.pretrained))
-    model.to(device).eval()
+    model.to(device)
     write_evaluation(args.output_dir, evaluate_splits(model, tokenizer, cfg, sets, device, args.output_dir))
 
 if __name__ == "__main__":

@@ -16,10 +16,11 @@ from functools import partial
 from data.caption import CaptionDataConfig, caption_train_set
 from data.loader import train_loader
 from eval_caption import (CaptionEvalConfig, caption_eval_sets, caption_function, evaluate_split, evaluate_splits,
-                          generation_options, text_only_baseline)
+                          generation_options)
 from models.blip2_opt import Blip2OPTConfig, create_model, load_checkpoint
-from utils import (TrainConfig, append_log, end_epoch, is_main_process, load_best_weights, log, parse_args, run_main,
-                   start_run, start_training, train_epoch, weights_to_evaluate, wrap_ddp, write_evaluation)
+from utils import (TrainConfig, append_log, end_epoch, flat_metrics, is_main_process, load_best_weights, log,
+                   parse_args, run_main, start_run, start_training, train_epoch, weights_to_evaluate, wrap_ddp,
+                   write_evaluation)
 
 
 @dataclass
@@ -45,14 +46,13 @@ def main(argv=None):
     log(f"Blip2OPT: {sum(p.numel() for p in model.parameters()) / 1e6:.1f} M parameters, "
         f"{trainable / 1e6:.1f} M trainable")
     eval_sets = caption_eval_sets(cfg, device)
-    options = generation_options(cfg.eval)
-    caption_fn = caption_function(model, tokenizer, options, device, cfg.train.amp)
+    caption_fn = caption_function(model, tokenizer, generation_options(cfg.eval), device, cfg.train.amp)
 
-    def evaluate(split, header):
+    def evaluate_val(epoch):
         model.eval()
-        loader, ground_truth = eval_sets[split]
-        results_path = os.path.join(args.output_dir, f"{header.lower().replace(' ', '_')}_captions.json")
-        return evaluate_split(caption_fn, loader, ground_truth, header, results_path)
+        loader, ground_truth = eval_sets["val"]
+        results_path = os.path.join(args.output_dir, f"val_epoch_{epoch}_captions.json")
+        return evaluate_split(caption_fn, loader, ground_truth, f"Val epoch {epoch}", results_path)
 
     if args.evaluate:
         load_checkpoint(model, weights_to_evaluate(args, cfg.model.pretrained))
@@ -70,7 +70,7 @@ def main(argv=None):
     for epoch in range(start_epoch, cfg.train.epochs):
         train_stats = train_epoch(ddp_model, loader, loss_fn, optimizer, scheduler, scaler, epoch, cfg.train, device,
                                   accum, args.output_dir)
-        val = evaluate("val", f"Val epoch {epoch}")
+        val = evaluate_val(epoch)
         stats = {"epoch": epoch, **{f"train_{k}": v for k, v in train_stats.items()},
                  **{f"val_{k}": v for k, v in val.items()}}
         improved = val["agg_metric"] > best_metric
@@ -80,10 +80,8 @@ def main(argv=None):
 
     if "test" in eval_sets:
         best_epoch = load_best_weights(args.output_dir, model)
-        stats = {"best_epoch": best_epoch, **{f"test_{k}": v for k, v in evaluate("test", "Test").items()}}
-        if cfg.eval.text_only_baseline:
-            baseline = text_only_baseline(model, eval_sets["test"][1], options)
-            stats.update({f"test_text_only_{k}": v for k, v in baseline.items()})
+        test = evaluate_splits(model, tokenizer, cfg, {"test": eval_sets["test"]}, device, args.output_dir)
+        stats = {"best_epoch": best_epoch, **flat_metrics(test)}
         if is_main_process():
             append_log(args.output_dir, stats)
         log(json.dumps(stats))

@@ -637,11 +637,16 @@ def weights_to_evaluate(args, pretrained):
 def write_evaluation(output_dir, results):
     """Print `results` {split: {metric: value}} as a table and write them to output_dir/evaluate.txt as one JSON
     object {"<split>_<metric>": value}."""
-    stats = {f"{split}_{name}": value for split, metrics in results.items() for name, value in metrics.items()}
+    stats = flat_metrics(results)
     log(metrics_table(results))
     if is_main_process():
         with open(os.path.join(output_dir, "evaluate.txt"), "w") as f:
             f.write(json.dumps(stats) + "\n")
+
+
+def flat_metrics(results):
+    """{split: {metric: value}} -> {"<split>_<metric>": value}, the keys of evaluate.txt and log.txt."""
+    return {f"{split}_{name}": value for split, metrics in results.items() for name, value in metrics.items()}
 
 
 def metrics_table(results):

@@ -18,15 +18,20 @@ def pre_caption(caption, max_words=50):
     return " ".join(caption.split(" ")[:max_words])
 
 
-def read_annotation(path):
-    """The list of entries of a JSON annotation file."""
+def read_json(path, what):
+    """The content of the JSON file `path`; a missing or broken file is an InputError naming `what` it is."""
     try:
         with open(path, encoding="utf-8") as f:
-            entries = json.load(f)
+            return json.load(f)
     except FileNotFoundError:
-        raise InputError(f"annotation file {path} does not exist") from None
+        raise InputError(f"{what} {path} does not exist") from None
     except json.JSONDecodeError as e:
-        raise InputError(f"annotation file {path} is not valid JSON: {e}") from None
+        raise InputError(f"{what} {path} is not valid JSON: {e}") from None
+
+
+def read_annotation(path):
+    """The list of entries of a JSON annotation file."""
+    entries = read_json(path, "annotation file")
     if not isinstance(entries, list):
         raise InputError(f"annotation file {path} must hold a JSON list of entries; it holds a "
                          f"{type(entries).__name__}")

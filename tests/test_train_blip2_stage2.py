@@ -4,6 +4,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import eval_caption
 import train_blip2_stage2
 from models.blip2_opt import create_model
 from tests.conftest import read_log
@@ -120,3 +121,18 @@ def test_evaluating_a_checkpoint_without_its_image_encoder_source_is_refused(dem
                out / "stage2.pth")
     with pytest.raises(InputError, match=f"no image-encoder weights.*{stage1_checkpoint}"):
         train(config, out, evaluate=True, checkpoint=out / "stage2.pth")
+
+
+def test_evaluate_captions_with_the_model_in_eval_mode(demo_data, opt_dir, stage1_checkpoint, tmp_path, monkeypatch):
+    modes = []
+
+    def recording_caption_function(model, *args):
+        def caption_fn(images):
+            modes.append(model.training)
+            return ["a caption"] * len(images)
+        return caption_fn
+
+    monkeypatch.setattr(eval_caption, "caption_function", recording_caption_function)
+    config = stage2_config(tmp_path, demo_data, opt_dir, stage1_checkpoint)
+    train(config, tmp_path / "out", "eval.text_only_baseline=false", evaluate=True)
+    assert modes and not any(modes)  # dropout off
