@@ -265,7 +265,7 @@ def caption_eval_sets(cfg, device):
     """{split: (loader, ground truth)} of data.val_file and data.test_file of a stage-2 or captioning config."""
     gt_files = {"val": cfg.data.val_gt_file, "test": cfg.data.test_gt_file}
     ann_files = {"val": cfg.data.val_file, "test": cfg.data.test_file}
-    return {split: (eval_loader(dataset, cfg.eval.batch_size, cfg.data.num_workers, device.type == "cuda"),
+    return {split: (eval_loader(dataset, cfg.eval.batch_size, **cfg.data.loader_kwargs(device)),
                     ground_truth_from_coco(gt_files[split]) if gt_files[split]
                     else ground_truth_from_annotation(ann_files[split]))
             for split, dataset in eval_sets(cfg.data, cfg.model.image_size).items()}

@@ -46,7 +46,7 @@ class RetrievalConfig:
 
 def retrieval_loaders(cfg, device):
     """{split: loader} of the evaluation splits of a stage-1 config (data.val_file, data.test_file)."""
-    return {split: eval_loader(dataset, cfg.eval.batch_size, cfg.data.num_workers, device.type == "cuda")
+    return {split: eval_loader(dataset, cfg.eval.batch_size, **cfg.data.loader_kwargs(device))
             for split, dataset in eval_sets(cfg.data, cfg.model.image_size).items()}
 
 
@@ -71,18 +71,19 @@ def main(argv=None):
                                        for split, loader in loaders.items()})
 
 
-def retrieval_metrics(scores_i2t, scores_t2i, img2txt, txt2img):
-    """Recall@K (percent) from score matrices scores_i2t [I, T] and scores_t2i [T, I]: an image counts as found at K
-    when any of its ground-truth texts `img2txt[i]` ranks within the top K; a text when its image `txt2img[t]`
-    does (a -inf score is never a hit). Also the means per direction and overall (`r_mean`)."""
-    scores_i2t, scores_t2i = torch.as_tensor(scores_i2t), torch.as_tensor(scores_t2i)
-    order_i2t = scores_i2t.argsort(dim=1, descending=True, stable=True)
-    order_t2i = scores_t2i.argsort(dim=1, descending=True, stable=True)
-    text_rank = torch.tensor([_first_position(order_i2t[i], img2txt[i], scores_i2t[i]) for i in range(len(img2txt))])
-    image_rank = torch.tensor([_first_position(order_t2i[t], [txt2img[t]], scores_t2i[t])
-                               for t in range(len(txt2img))])
+def candidate_metrics(texts_of_image, scores_i2t, images_of_text, scores_t2i, txt2img):
+    """Recall@K (percent) from each image's candidate texts texts_of_image [I, K] with their scores [I, K] and each
+    text's candidate images images_of_text [T, K'] with scores [T, K']: an image counts as found at K when one of
+    its texts ranks within the top K of its candidates, a text when its image does. Candidates are ranked by score,
+    ties by index; a -inf score (left out of re-ranking) is never a hit, nor is a text missing from the
+    candidates. Also the means per direction and overall (`r_mean`)."""
+    txt2img = torch.as_tensor(txt2img)
+    hit_i2t = (txt2img[texts_of_image] == torch.arange(len(texts_of_image))[:, None]) & (scores_i2t > float("-inf"))
+    hit_t2i = (images_of_text == txt2img[:, None]) & (scores_t2i > float("-inf"))
     metrics = {}
-    for name, ranks in (("txt", text_rank), ("img", image_rank)):
+    # A miss ranks after every text (image), as if all were scored: R@K counts it only when K exceeds them all.
+    for name, ranks in (("txt", _first_hit(texts_of_image, scores_i2t, hit_i2t, len(txt2img))),
+                        ("img", _first_hit(images_of_text, scores_t2i, hit_t2i, len(texts_of_image)))):
         for k in (1, 5, 10):
             metrics[f"{name}_r{k}"] = 100.0 * (ranks < k).sum().item() / len(ranks)
         metrics[f"{name}_r_mean"] = sum(metrics[f"{name}_r{k}"] for k in (1, 5, 10)) / 3
@@ -90,12 +91,13 @@ def retrieval_metrics(scores_i2t, scores_t2i, img2txt, txt2img):
     return metrics
 
 
-def _first_position(order, targets, scores):
-    """The best (smallest) position in `order` of any of `targets` that has a score; unscored (-inf) candidates,
-    those left out of re-ranking, are never found, whatever their index."""
-    targets = [t for t in targets if scores[t] > float("-inf")]
-    hits = torch.isin(order, torch.as_tensor(targets, dtype=order.dtype)).nonzero()
-    return int(hits[0, 0]) if len(hits) else len(order)
+def _first_hit(candidates, scores, hits, miss):
+    """Per row, the position of the first hit once the candidates are sorted by score (descending, ties by
+    candidate index); `miss` when there is none."""
+    by_index = candidates.argsort(dim=1, stable=True)
+    scores, hits = scores.gather(1, by_index), hits.gather(1, by_index)
+    ranked_hits = hits.gather(1, scores.argsort(dim=1, descending=True, stable=True))
+    return torch.where(ranked_hits.any(1), ranked_hits.int().argmax(1), miss)
 
 
 @torch.no_grad()
@@ -115,7 +117,8 @@ def evaluate_retrieval(model, loader, tokenizer, device, amp="off", k_test=256, 
                        itm_batch_size=128, max_length=35, header="Retrieval"):
     """Retrieval metrics of `model` on `loader.dataset` (a data.caption.RetrievalDataset whose loader shards the
     images over ranks). Each rank keeps the ln_vision image tokens of its own images only (in the autocast dtype),
-    and re-ranks the pairs whose image it holds. Returns retrieval_metrics(...)."""
+    and re-ranks the pairs whose image it holds; the scores are kept for the top-k_test candidates of each image and
+    each text only, so memory grows with (I + T) x k_test, not I x T. Returns candidate_metrics(...)."""
     if score not in ("itm+itc", "itm", "itc"):
         raise ValueError(f"score must be itm+itc, itm or itc; got {score!r}")
     model = unwrap(model)
@@ -135,32 +138,62 @@ def evaluate_retrieval(model, loader, tokenizer, device, amp="off", k_test=256, 
             local_index.append(index.to(device))
     local_index, local_embeds = torch.cat(local_index), torch.cat(local_embeds)
     image_feats = _unshard(torch.cat(local_feats), len(dataset))
-    sim_i2t = itc_similarity(image_feats, text_feats)  # [I, T]
-    if score == "itc":
-        return retrieval_metrics(sim_i2t, sim_i2t.t(), dataset.img2txt, dataset.txt2img)
+    num_texts = len(dataset.text)
+    if score == "itc":  # R@10 needs only the best 10 of each row
+        itc_i2t, texts_of_image, itc_t2i, images_of_text = itc_candidates(image_feats, text_feats, 10)
+        return candidate_metrics(texts_of_image.cpu(), itc_i2t.cpu(), images_of_text.cpu(), itc_t2i.cpu(),
+                                 dataset.txt2img)
 
-    k_texts, k_images = min(k_test, sim_i2t.shape[1]), min(k_test, sim_i2t.shape[0])
-    chosen_i2t = torch.zeros_like(sim_i2t, dtype=torch.bool).scatter_(1, sim_i2t.topk(k_texts, dim=1).indices, True)
-    chosen_t2i = torch.zeros_like(sim_i2t.t(), dtype=torch.bool).scatter_(
-        1, sim_i2t.t().topk(k_images, dim=1).indices, True)
-    itm = _itm_for_pairs(model, chosen_i2t | chosen_t2i.t(), local_index, local_embeds, text_ids, text_mask,
-                         itm_batch_size, device, amp, header)
-    total = itm + (sim_i2t if score == "itm+itc" else 0)
-    scores_i2t = torch.where(chosen_i2t, total, float("-inf"))
-    scores_t2i = torch.where(chosen_t2i, total.t(), float("-inf"))
-    return retrieval_metrics(scores_i2t.cpu(), scores_t2i.cpu(), dataset.img2txt, dataset.txt2img)
+    itc_i2t, texts_of_image, itc_t2i, images_of_text = itc_candidates(image_feats, text_feats, k_test)
+    # Each pair re-ranked once, whether one direction or both chose it.
+    keys = torch.cat([(torch.arange(len(image_feats), device=device)[:, None] * num_texts + texts_of_image).flatten(),
+                      (images_of_text * num_texts + torch.arange(num_texts, device=device)[:, None]).flatten()])
+    pairs, where = keys.unique(return_inverse=True)
+    itm = _itm_for_pairs(model, pairs // num_texts, pairs % num_texts, len(dataset), local_index, local_embeds,
+                         text_ids, text_mask, itm_batch_size, device, amp, header)[where]
+    itm_i2t, itm_t2i = itm[:texts_of_image.numel()].view_as(itc_i2t), itm[texts_of_image.numel():].view_as(itc_t2i)
+    if score == "itm+itc":
+        itm_i2t, itm_t2i = itm_i2t + itc_i2t, itm_t2i + itc_t2i
+    return candidate_metrics(texts_of_image.cpu(), itm_i2t.cpu(), images_of_text.cpu(), itm_t2i.cpu(),
+                             dataset.txt2img)
 
 
-def _itm_for_pairs(model, pairs, local_index, local_embeds, text_ids, text_mask, batch_size, device, amp, header):
-    """ITM scores [I, T] for the True entries of `pairs` [I, T]: each rank scores the pairs of the images it holds;
-    entries elsewhere are 0."""
-    scores = torch.zeros(pairs.shape, device=device)
-    image, text = pairs[local_index].nonzero(as_tuple=True)  # image: position in this rank's embeddings
-    chunks = list(zip(image.split(batch_size), text.split(batch_size)))
-    for image_chunk, text_chunk in MetricLogger().log_every(chunks, 50, f"{header} ITM re-ranking"):
+def itc_candidates(image_feats, text_feats, k, chunk=256):
+    """The top-k ITC candidates in both directions, a chunk of images at a time so that no [I, T] matrix is held:
+    (scores [I, k], text indices [I, k], scores [T, k], image indices [T, k])."""
+    k_texts, k_images = min(k, len(text_feats)), min(k, len(image_feats))
+    i2t_scores, i2t_index = [], []
+    t2i_scores = text_feats.new_empty(len(text_feats), 0)
+    t2i_index = torch.empty(len(text_feats), 0, dtype=torch.long, device=text_feats.device)
+    for start in range(0, len(image_feats), chunk):
+        sim = itc_similarity(image_feats[start:start + chunk], text_feats)  # [chunk, T]
+        best = sim.topk(k_texts, dim=1)
+        i2t_scores.append(best.values)
+        i2t_index.append(best.indices)
+        scores = torch.cat([t2i_scores, sim.t()], 1)
+        index = torch.cat([t2i_index, torch.arange(start, start + len(sim), device=sim.device).expand_as(sim.t())], 1)
+        best = scores.topk(min(k_images, scores.shape[1]), dim=1)
+        t2i_scores, t2i_index = best.values, index.gather(1, best.indices)
+    return torch.cat(i2t_scores), torch.cat(i2t_index), t2i_scores, t2i_index
+
+
+def _itm_for_pairs(model, images, texts, num_images, local_index, local_embeds, text_ids, text_mask, batch_size,
+                   device, amp, header):
+    """ITM scores [P] of the pairs (images[p], texts[p]), summed over ranks: each rank scores the pairs of the images
+    it holds (0 elsewhere). Pairs go in order of text length and each batch is cut to its longest text, so that
+    padding costs nothing."""
+    position = torch.full((num_images,), -1, device=device)  # of each image in this rank's local_embeds
+    position[local_index] = torch.arange(len(local_index), device=device)
+    mine = (position[images] >= 0).nonzero().squeeze(1)
+    lengths = text_mask.sum(1)
+    mine = mine[lengths[texts[mine]].argsort(stable=True)]
+    scores = torch.zeros(len(images), device=device)
+    for chunk in MetricLogger().log_every(mine.split(batch_size), 50, f"{header} ITM re-ranking"):
+        text, longest = texts[chunk], int(lengths[texts[chunk]].max())
         with autocast(device, amp):
-            itm = model.itm_scores(local_embeds[image_chunk].float(), text_ids[text_chunk], text_mask[text_chunk])
-        scores[local_index[image_chunk], text_chunk] = itm.float()
+            itm = model.itm_scores(local_embeds[position[images[chunk]]], text_ids[text, :longest],
+                                   text_mask[text, :longest])
+        scores[chunk] = itm.float()
     return all_reduce_sum(scores)
 
 

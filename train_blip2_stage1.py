@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from functools import partial
 
 from data.caption import CaptionDataConfig, caption_train_set
+from data.feature_cache import cached_train_set
 from data.loader import train_loader
 from eval_retrieval import RetrievalEvalConfig, retrieval_evaluator, retrieval_loaders
 from models.blip2_qformer import Blip2QformerConfig, create_model, load_checkpoint
@@ -54,13 +55,15 @@ def main(argv=None):
         return
 
     train_set = caption_train_set(cfg.data, cfg.model.image_size)
-    loader = train_loader(train_set, cfg.train.batch_size, cfg.data.num_workers, cfg.train.seed,
-                          device.type == "cuda")
+    loader = train_loader(train_set, cfg.train.batch_size, cfg.train.seed, **cfg.data.loader_kwargs(device))
     accum, optimizer, scheduler, scaler, start_epoch, best_r_mean = start_training(args, model, loader, cfg.train,
                                                                                    device)
     if cfg.model.pretrained and not args.resume:
         load_checkpoint(model, cfg.model.pretrained)
-    ddp_model = wrap_ddp(model, device)
+    if cfg.data.vit_feature_cache:  # not earlier: model.pretrained and --resume may set the encoder's weights
+        train_set = cached_train_set(cfg, model, train_set, device)
+        loader = train_loader(train_set, cfg.train.batch_size, cfg.train.seed, **cfg.data.loader_kwargs(device))
+    ddp_model = wrap_ddp(model, device, cfg.train)
     loss_fn = partial(stage1_loss, tokenizer=tokenizer, max_txt_len=cfg.model.max_txt_len,
                       same_image_positives=cfg.model.same_image_positives, device=device)
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from functools import partial
 
 from data.caption import CaptionDataConfig, caption_train_set
+from data.feature_cache import cached_train_set
 from data.loader import train_loader
 from eval_caption import (CaptionEvalConfig, caption_eval_sets, caption_function, evaluate_split, evaluate_splits,
                           generation_options)
@@ -60,11 +61,12 @@ def main(argv=None):
         return
 
     train_set = caption_train_set(cfg.data, cfg.model.image_size)
-    loader = train_loader(train_set, cfg.train.batch_size, cfg.data.num_workers, cfg.train.seed,
-                          device.type == "cuda")
+    if cfg.data.vit_feature_cache:
+        train_set = cached_train_set(cfg, model, train_set, device)
+    loader = train_loader(train_set, cfg.train.batch_size, cfg.train.seed, **cfg.data.loader_kwargs(device))
     accum, optimizer, scheduler, scaler, start_epoch, best_metric = start_training(args, model, loader, cfg.train,
                                                                                    device)
-    ddp_model = wrap_ddp(model, device)
+    ddp_model = wrap_ddp(model, device, cfg.train)
     loss_fn = partial(stage2_loss, device=device)
 
     for epoch in range(start_epoch, cfg.train.epochs):

@@ -10,7 +10,7 @@ from functools import partial
 import torch
 import torch.nn.functional as F
 
-from data.loader import eval_loader, train_loader
+from data.loader import LoaderConfig, eval_loader, train_loader
 from data.nlvr import NLVRDataset
 from data.transforms import eval_transform, train_transform
 from models.blip_nlvr import BlipNLVRConfig, create_model, load_checkpoint
@@ -19,7 +19,7 @@ from utils import (MetricLogger, TrainConfig, all_reduce_sum, autocast, end_epoc
 
 
 @dataclass
-class DataConfig:
+class DataConfig(LoaderConfig):
     train_file: str
     val_file: str
     test_file: str
@@ -27,7 +27,6 @@ class DataConfig:
     max_words: int = 40
     crop_scale: tuple[float, float] = (0.5, 1.0)
     randaugment: bool = True
-    num_workers: int = 4
     skip_missing_images: bool = False        # drop examples whose images are missing instead of stopping
 
 
@@ -88,8 +87,7 @@ def main(argv=None):
     model.to(device)
     log(f"BlipNLVR: {sum(p.numel() for p in model.parameters()) / 1e6:.1f} M parameters")
     datasets = build_datasets(cfg, ("val", "test") if args.evaluate else ("train", "val", "test"))
-    pin = device.type == "cuda"
-    loaders = {split: eval_loader(datasets[split], cfg.eval.batch_size, cfg.data.num_workers, pin)
+    loaders = {split: eval_loader(datasets[split], cfg.eval.batch_size, **cfg.data.loader_kwargs(device))
                for split in ("val", "test")}
     evaluate_split = partial(evaluate, tokenizer=tokenizer, device=device, amp=cfg.train.amp)
 
@@ -99,11 +97,11 @@ def main(argv=None):
                                            for split, loader in loaders.items()})
         return
 
-    loader = train_loader(datasets["train"], cfg.train.batch_size, cfg.data.num_workers, cfg.train.seed, pin)
+    loader = train_loader(datasets["train"], cfg.train.batch_size, cfg.train.seed, **cfg.data.loader_kwargs(device))
     accum, optimizer, scheduler, scaler, start_epoch, best_acc = start_training(args, model, loader, cfg.train, device)
     if cfg.model.pretrained and not args.resume:
         load_checkpoint(model, cfg.model.pretrained)
-    ddp_model = wrap_ddp(model, device)
+    ddp_model = wrap_ddp(model, device, cfg.train)
     loss_fn = partial(nlvr_loss, tokenizer=tokenizer, device=device)
 
     for epoch in range(start_epoch, cfg.train.epochs):

@@ -25,6 +25,7 @@ import torch
 import torch.distributed as dist
 from ruamel.yaml import YAML
 from ruamel.yaml.error import YAMLError
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.parallel import DistributedDataParallel
 
 
@@ -139,13 +140,19 @@ def broadcast_from_main(compute):
     return result[0]
 
 
-def wrap_ddp(model, device):
-    if get_world_size() == 1:
-        return model
-    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+def wrap_ddp(model, device, cfg):
+    """The model as the train loop runs it: in DistributedDataParallel over several processes (never with
+    find_unused_parameters: every trainable parameter gets a gradient each step), then torch.compile'd with
+    `train.compile`. `model` itself stays eager for evaluation."""
+    if get_world_size() > 1:
+        model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                        gradient_as_bucket_view=cfg.ddp_bucket_view, static_graph=cfg.ddp_static_graph)
+    return torch.compile(model) if cfg.compile else model
 
 
 def unwrap(model):
+    """The model inside torch.compile's and DistributedDataParallel's wrappers."""
+    model = getattr(model, "_orig_mod", model)
     return model.module if isinstance(model, DistributedDataParallel) else model
 
 
@@ -179,6 +186,12 @@ class TrainConfig:
     amp: typing.Literal["bf16", "fp16", "off"] = "off"
     seed: int = 42
     print_freq: int = 50
+    # The fast path (BENCHMARKS.md measures each switch).
+    fused_adamw: bool = False                 # AdamW's fused kernel (CUDA and CPU); off: the for-each/loop one
+    attention: typing.Literal["auto", "flash", "efficient", "cudnn", "math"] = "auto"  # SDPA kernels in training
+    compile: bool = False                     # torch.compile the training forward (evaluation runs eagerly)
+    ddp_static_graph: bool = False            # DDP: the same parameters get gradients every step
+    ddp_bucket_view: bool = True              # DDP: gradients are views into the all-reduce buckets (no copy)
 
 
 def load_config(path, schema, overrides=()):
@@ -451,7 +464,7 @@ def build_optimizer(model, cfg):
                   {"params": [p for _, p in params if p.ndim < 2], "weight_decay": 0.0}]
     else:
         groups = [{"params": [p for _, p in params]}]
-    return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=cfg.fused_adamw or None)
 
 
 def lr_at_step(step, steps_per_epoch, cfg):
@@ -503,6 +516,19 @@ def autocast(device, amp):
     return torch.autocast(device.type, dtype=dtype) if dtype else nullcontext()
 
 
+SDPA_BACKENDS = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
+                 "cudnn": SDPBackend.CUDNN_ATTENTION}
+
+
+def attention_kernels(choice):
+    """`train.attention`: "auto" lets PyTorch pick (flash, then memory-efficient, then math, as each call allows);
+    a named fused kernel is the only one allowed, with math for the calls it cannot take (e.g. flash and a padding
+    mask); "math" is the unfused reference."""
+    if choice == "auto":
+        return nullcontext()
+    return sdpa_kernel([SDPBackend.MATH] + ([SDPA_BACKENDS[choice]] if choice in SDPA_BACKENDS else []))
+
+
 def grad_scaler(device, amp):
     """fp16 needs loss scaling; bf16 and fp32 do not (the scaler is then a pass-through)."""
     return torch.amp.GradScaler(device.type, enabled=amp == "fp16")
@@ -523,7 +549,7 @@ def train_one_epoch(model, loader, loss_fn, optimizer, scheduler, scaler, epoch,
                                                total=num_iters)):
         is_step = (i + 1) % accum_steps == 0
         sync = nullcontext() if is_step or not hasattr(model, "no_sync") else model.no_sync()
-        with sync:
+        with sync, attention_kernels(cfg.attention):
             with autocast(device, cfg.amp):
                 losses = loss_fn(model, batch)
             scaler.scale(losses["loss"] / accum_steps).backward()
@@ -610,7 +636,10 @@ def training_state(model, optimizer, scheduler, scaler, epoch, best_metric, cfg)
 def restore_training_state(ckpt, model, optimizer, scheduler, scaler):
     """Load a `training_state` dict; returns (first epoch to run, best metric so far)."""
     unwrap(model).load_state_dict(ckpt["model"])
+    fused = [group["fused"] for group in optimizer.param_groups]
     optimizer.load_state_dict(ckpt["optimizer"])
+    for group, value in zip(optimizer.param_groups, fused):  # the config's train.fused_adamw, not the checkpoint's
+        group["fused"] = value
     scheduler.load_state_dict(ckpt["scheduler"])
     scaler.load_state_dict(ckpt["scaler"])
     if len(ckpt["rng"]) == get_world_size():

@@ -24,6 +24,7 @@ from typing import Optional
 from PIL import Image
 from torch.utils.data import Dataset
 
+from data.loader import LoaderConfig
 from data.transforms import eval_transform, train_transform
 from data.utils import check_image_files, pre_caption, read_annotation
 from utils import InputError, log
@@ -37,7 +38,7 @@ class CaptionSource:
 
 
 @dataclass
-class CaptionDataConfig:
+class CaptionDataConfig(LoaderConfig):
     """The `data:` section of the BLIP-2 configs: training (stage 1 and 2), retrieval and caption evaluation."""
     train: list[CaptionSource] = field(default_factory=list)
     val_file: Optional[str] = None            # Karpathy format: [{"image", "caption": [...]}]; training needs it
@@ -49,7 +50,8 @@ class CaptionDataConfig:
     eval_max_words: int = 30                  # retrieval texts
     crop_scale: tuple[float, float] = (0.5, 1.0)
     hflip: bool = True
-    num_workers: int = 4
+    augment: bool = True                      # false: training images get the evaluation transform (resize only)
+    vit_feature_cache: Optional[str] = None   # dir of frozen-encoder outputs, built once; needs augment: false
     skip_missing_images: bool = False         # drop training pairs whose image is missing instead of stopping
 
 
@@ -82,14 +84,16 @@ class CaptionDataset(Dataset):
 
 
 def caption_train_set(data_cfg, image_size):
-    """The CaptionDataset of a CaptionDataConfig (train, crop_scale, hflip, max_words, skip_missing_images), with
-    BLIP-2's training transform (no RandAugment). Training also needs `val_file`: the best epoch is chosen on it."""
+    """The CaptionDataset of a CaptionDataConfig (train, crop_scale, hflip, augment, max_words,
+    skip_missing_images), with BLIP-2's training transform (no RandAugment), or with `augment` false the evaluation
+    transform. Training also needs `val_file`: the best epoch is chosen on it."""
     d = data_cfg
     missing = [name for name, value in (("data.train", d.train), ("data.val_file", d.val_file)) if not value]
     if missing:
         raise InputError(f"training needs {' and '.join(missing)}: data.train lists the training annotation files "
                          "({ann_file, image_root} each), data.val_file the split that picks the best epoch")
-    transform = train_transform(image_size, d.crop_scale, randaugment=False, hflip=d.hflip)
+    transform = (train_transform(image_size, d.crop_scale, randaugment=False, hflip=d.hflip) if d.augment else
+                 eval_transform(image_size))
     dataset = CaptionDataset(d.train, transform, d.max_words, d.skip_missing_images)
     log(f"train: {len(dataset)} captions of {dataset.num_images} images")
     return dataset

@@ -1,8 +1,26 @@
 """Samplers and data loaders for one or many processes."""
 
+from dataclasses import dataclass
+
 from torch.utils.data import DataLoader, DistributedSampler, Sampler
 
 from utils import get_rank, get_world_size
+
+
+@dataclass(kw_only=True)
+class LoaderConfig:
+    """The data-loading keys of every `data:` section."""
+    num_workers: int = 4
+    pin_memory: bool = True                   # page-locked batches, copied to the GPU asynchronously (CUDA only)
+    persistent_workers: bool = True           # keep the worker processes from epoch to epoch and between splits
+    prefetch_factor: int = 2                  # batches each worker prepares ahead
+
+    def loader_kwargs(self, device):
+        """DataLoader arguments on `device` (a torch.device)."""
+        workers = self.num_workers > 0
+        return dict(num_workers=self.num_workers, pin_memory=self.pin_memory and device.type == "cuda",
+                    persistent_workers=self.persistent_workers and workers,
+                    prefetch_factor=self.prefetch_factor if workers else None)
 
 
 class ShardSampler(Sampler):
@@ -19,15 +37,15 @@ class ShardSampler(Sampler):
         return len(self.indices)
 
 
-def train_loader(dataset, batch_size, num_workers, seed, pin_memory=False, collate_fn=None):
+def train_loader(dataset, batch_size, seed, collate_fn=None, **loader_kwargs):
     """Shuffled per epoch (call `loader.sampler.set_epoch(epoch)`) and sharded over ranks; incomplete batches
-    are dropped."""
+    are dropped. `loader_kwargs`: LoaderConfig.loader_kwargs or DataLoader's own."""
     sampler = DistributedSampler(dataset, num_replicas=get_world_size(), rank=get_rank(), shuffle=True, seed=seed)
-    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
-                      pin_memory=pin_memory, drop_last=True, collate_fn=collate_fn)
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=True, collate_fn=collate_fn,
+                      **loader_kwargs)
 
 
-def eval_loader(dataset, batch_size, num_workers, pin_memory=False, collate_fn=None):
+def eval_loader(dataset, batch_size, collate_fn=None, **loader_kwargs):
     sampler = ShardSampler(dataset, get_rank(), get_world_size())
-    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
-                      pin_memory=pin_memory, drop_last=False, collate_fn=collate_fn)
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=False, collate_fn=collate_fn,
+                      **loader_kwargs)

@@ -117,11 +117,14 @@ class Blip2OPT(nn.Module):
     # ------------------------------------------------------------------------------------------------ encoders
 
     def image_embeddings(self, images):
-        """images [B, 3, S, S] -> ln_vision(image tokens) [B, N, Dv] in fp32."""
-        return self.ln_vision(self.visual_encoder(images).float())
+        """images [B, 3, S, S] -> ln_vision(image tokens) [B, N, Dv] in fp32. `images` may also be the frozen
+        encoder's own tokens [B, N, Dv] (data/feature_cache.py), which skip the encoder."""
+        tokens = images if images.dim() == 3 else self.visual_encoder(images)
+        return self.ln_vision(tokens.float())
 
     def soft_prompt(self, images):
-        """images [B, 3, S, S] -> opt_proj(query outputs) [B, Q, D] in the OPT's dtype."""
+        """images [B, 3, S, S] or the frozen encoder's tokens [B, N, Dv] -> opt_proj(query outputs) [B, Q, D] in
+        the OPT's dtype."""
         image_embeds = self.image_embeddings(images)
         queries = self.query_tokens.expand(image_embeds.shape[0], -1, -1)
         hidden, _ = self.Qformer.bert(query_embeds=queries, image_embeds=image_embeds)
@@ -156,7 +159,7 @@ class Blip2OPT(nn.Module):
 
     def forward(self, images, captions):
         """{"loss": next-token cross-entropy of `captions` (B strings) given their images, averaged over the
-        labelled tokens of the global batch}."""
+        labelled tokens of the global batch}. `images` [B, 3, S, S], or the frozen encoder's tokens [B, N, Dv]."""
         ids, mask, labels = self.caption_tokens(captions, images.device)
         logits = self.caption_logits(images, ids, mask)
         targets = labels[:, 1:].flatten()

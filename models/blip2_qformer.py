@@ -15,6 +15,7 @@ from typing import Literal, Optional
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.attention.bias import causal_lower_right
 
 from models.eva_vit import VisionConfig, create_vision_encoder, freeze_vision_encoder, load_vision_file, load_vision_weights
 from models.generation import beam_search, nucleus_sampling
@@ -45,6 +46,7 @@ class Blip2QformerConfig(VisionConfig):
     max_txt_len: int = 32
     clamp_temp: bool = False                  # BLIP clamped the ITC temperature to [0.001, 0.5]; BLIP-2 does not
     same_image_positives: bool = True         # captions of one image are ITC positives, never ITM negatives
+    itg_attention: Literal["causal", "masked"] = "causal"  # see Blip2Qformer.itg_loss
     pretrained: Optional[str] = None          # stage-1 checkpoint to start from (LAVIS or transformers layout)
 
 
@@ -57,7 +59,7 @@ def create_model(cfg, load_bert=True):
     model = Blip2Qformer(token_ids, **cfg.encoder_kwargs(), qformer=cfg.qformer,
                          vocab_size=len(tokenizer), num_query_tokens=cfg.num_query_tokens,
                          cross_attention_freq=cfg.cross_attention_freq, embed_dim=cfg.embed_dim,
-                         clamp_temp=cfg.clamp_temp)
+                         clamp_temp=cfg.clamp_temp, itg_attention=cfg.itg_attention)
     if cfg.vit_pretrained:
         load_vision_file(model.visual_encoder, cfg.vit_pretrained)
     if load_bert and cfg.bert:
@@ -78,7 +80,8 @@ class Blip2Qformer(nn.Module):
 
     def __init__(self, token_ids, vision="eva_vit_g", image_size=224, patch_size=None, freeze_vit=True,
                  vit_precision="fp16", drop_path_rate=0.0, vit_grad_ckpt_layers=0, qformer="base", vocab_size=30523,
-                 num_query_tokens=32, cross_attention_freq=2, embed_dim=256, clamp_temp=False, ln_vision_eps=1e-5):
+                 num_query_tokens=32, cross_attention_freq=2, embed_dim=256, clamp_temp=False, ln_vision_eps=1e-5,
+                 itg_attention="causal"):
         super().__init__()
         self.token_ids = token_ids
         self.visual_encoder = create_vision_encoder(vision, image_size, drop_path_rate, vit_grad_ckpt_layers,
@@ -95,12 +98,15 @@ class Blip2Qformer(nn.Module):
         self.itm_head = nn.Linear(hidden, 2)
         self.temp = nn.Parameter(torch.tensor(0.07))
         self.clamp_temp = clamp_temp
+        self.itg_attention = itg_attention
 
     # ------------------------------------------------------------------------------------------------ encoders
 
     def image_embeddings(self, images):
-        """images [B, 3, S, S] -> ln_vision(ViT tokens) [B, N, Dv] in fp32."""
-        return self.ln_vision(self.visual_encoder(images).float())
+        """images [B, 3, S, S] -> ln_vision(ViT tokens) [B, N, Dv] in fp32. `images` may also be the frozen
+        encoder's own tokens [B, N, Dv] (data/feature_cache.py), which skip the encoder."""
+        tokens = images if images.dim() == 3 else self.visual_encoder(images)
+        return self.ln_vision(tokens.float())
 
     def query_outputs(self, image_embeds):
         """The queries after the Q-Former over the image: ([B, Q, H], per-layer (keys, values) for ITG)."""
@@ -133,8 +139,9 @@ class Blip2Qformer(nn.Module):
     def forward(self, images, input_ids, attention_mask, image_ids=None):
         """Pre-training losses {"loss", "loss_itc", "loss_itm", "loss_itg"} for a batch of image-text pairs.
 
-        input_ids/attention_mask must have the same length on every rank (pad to max_txt_len). With `image_ids` [B],
-        pairs of the same image are positives in ITC and never drawn as ITM negatives.
+        `images` [B, 3, S, S], or the frozen encoder's tokens [B, N, Dv] (see image_embeddings). input_ids and
+        attention_mask must have the same length on every rank (pad to max_txt_len). With `image_ids` [B], pairs of
+        the same image are positives in ITC and never drawn as ITM negatives.
         """
         if self.clamp_temp:
             with torch.no_grad():
@@ -170,11 +177,21 @@ class Blip2Qformer(nn.Module):
 
     def itg_loss(self, input_ids, attention_mask, query_cache):
         """Captioning loss: text from [DEC] decoded causally, attending to the cached query keys/values;
-        label smoothing 0.1, padding ignored, averaged over the tokens of the global batch."""
+        label smoothing 0.1, padding ignored, averaged over the tokens of the global batch.
+
+        `itg_attention` "causal" gives SDPA the bottom-right causal mask (text row i sees the queries and text
+        j <= i) and no padding mask, which lets the flash kernel run: with right padding no real token ever sees a
+        padding key, and the padding positions' outputs carry no loss. "masked" builds the full boolean mask of
+        `causal_mask_with_query_prefix` (the original's), which only the memory-efficient and math kernels take.
+        """
         decoder_ids = input_ids.clone()
         decoder_ids[:, 0] = self.token_ids["bos"]
         labels = decoder_ids.masked_fill(decoder_ids == self.token_ids["pad"], -100)
-        mask = causal_mask_with_query_prefix(attention_mask, self.query_tokens.shape[1])
+        num_query, length = self.query_tokens.shape[1], input_ids.shape[1]
+        if self.itg_attention == "causal":
+            mask = causal_lower_right(length, num_query + length)
+        else:
+            mask = causal_mask_with_query_prefix(attention_mask, num_query)
         hidden, _ = self.Qformer.bert(decoder_ids, mask=mask, past=query_cache)
         logits = self.Qformer.lm_logits(hidden[:, :-1]).float()
         targets = labels[:, 1:].flatten()

@@ -36,7 +36,7 @@ def main():
     dataset = NLVRDataset(cfg.data.train_file, cfg.data.image_root, eval_transform(cfg.model.image_size))
     loader = train_loader(dataset, args.batch_size, num_workers=0, seed=cfg.train.seed)
     loader.sampler.set_epoch(0)
-    ddp_model = wrap_ddp(model, device)  # kept referenced: its reducer averages the gradients in backward
+    ddp_model = wrap_ddp(model, device, cfg.train)  # kept referenced: its reducer averages the gradients in backward
     loss = nlvr_loss(ddp_model, next(iter(loader)), tokenizer, device)["loss"]
     loss.backward()
     mean_loss = all_reduce_sum(loss.detach().clone()) / get_world_size()

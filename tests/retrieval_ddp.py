@@ -1,5 +1,5 @@
 """Retrieval metrics of a tiny seeded BLIP-2 stage-1 model, with one process or under torchrun (see
-test_retrieval.py): writes the metrics (JSON) and the score matrices handed to retrieval_metrics (.pt) from rank 0.
+test_retrieval.py): writes the metrics (JSON) and the candidate scores handed to candidate_metrics (.pt) from rank 0.
 """
 
 import argparse
@@ -42,21 +42,24 @@ def build_dataset(data_dir, ann_file):
 
 
 def evaluate(model, dataset, tokenizer, device, score, k_test, batch_size=3, text_batch_size=4, itm_batch_size=5):
-    """(metrics, {"i2t", "t2i"}: the score matrices evaluate_retrieval hands to retrieval_metrics)."""
+    """(metrics, {"i2t" [I, T], "t2i" [T, I]}: the candidate scores evaluate_retrieval hands to candidate_metrics,
+    as dense matrices with -inf off the candidates)."""
     captured = {}
-    original = eval_retrieval.retrieval_metrics
+    original = eval_retrieval.candidate_metrics
 
-    def capture(scores_i2t, scores_t2i, img2txt, txt2img):
-        captured["i2t"], captured["t2i"] = torch.as_tensor(scores_i2t).clone(), torch.as_tensor(scores_t2i).clone()
-        return original(scores_i2t, scores_t2i, img2txt, txt2img)
+    def capture(texts_of_image, scores_i2t, images_of_text, scores_t2i, txt2img):
+        num_images, num_texts = len(texts_of_image), len(images_of_text)
+        captured["i2t"] = torch.full((num_images, num_texts), float("-inf")).scatter_(1, texts_of_image, scores_i2t)
+        captured["t2i"] = torch.full((num_texts, num_images), float("-inf")).scatter_(1, images_of_text, scores_t2i)
+        return original(texts_of_image, scores_i2t, images_of_text, scores_t2i, txt2img)
 
-    eval_retrieval.retrieval_metrics = capture
+    eval_retrieval.candidate_metrics = capture
     try:
         loader = eval_loader(dataset, batch_size, num_workers=0)
         metrics = eval_retrieval.evaluate_retrieval(model, loader, tokenizer, device, k_test=k_test, score=score,
                                                     text_batch_size=text_batch_size, itm_batch_size=itm_batch_size)
     finally:
-        eval_retrieval.retrieval_metrics = original
+        eval_retrieval.candidate_metrics = original
     return metrics, captured
 
 

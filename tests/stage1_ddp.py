@@ -15,7 +15,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from models.blip2_qformer import Blip2Qformer  # noqa: E402
 from utils import (all_reduce_sum, cleanup_distributed, get_rank, get_world_size, init_distributed,  # noqa: E402
-                   is_main_process, wrap_ddp)
+                   is_main_process, TrainConfig, wrap_ddp)
 
 GLOBAL_BATCH = 8
 
@@ -42,11 +42,14 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", required=True)
     parser.add_argument("--no_image_ids", action="store_true")
+    parser.add_argument("--static_graph", action="store_true", help="train.ddp_static_graph")
+    parser.add_argument("--no_bucket_view", action="store_true", help="train.ddp_bucket_view false")
     args = parser.parse_args()
 
     device = init_distributed("cpu")
     model = tiny_stage1_model().eval()
-    ddp_model = wrap_ddp(model, device)
+    ddp_model = wrap_ddp(model, device, TrainConfig(ddp_static_graph=args.static_graph,
+                                                    ddp_bucket_view=not args.no_bucket_view))
     per_rank = GLOBAL_BATCH // get_world_size()
     rows = slice(get_rank() * per_rank, (get_rank() + 1) * per_rank)
     images, ids, mask, image_ids = (t[rows] for t in global_batch())

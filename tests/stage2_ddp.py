@@ -15,7 +15,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from models.blip2_opt import Blip2OPT  # noqa: E402
 from train_demo_lm import build_demo_opt, build_demo_tokenizer  # noqa: E402
 from utils import (all_reduce_sum, cleanup_distributed, get_rank, get_world_size, init_distributed,  # noqa: E402
-                   is_main_process, wrap_ddp)
+                   is_main_process, TrainConfig, wrap_ddp)
 
 CAPTIONS = ["a red circle", "there is a blue square in the bottom right corner and a red circle at the top left",
             "a green triangle at the top", "the top left has a red square and the bottom left has a blue circle",
@@ -38,7 +38,7 @@ def main():
 
     device = init_distributed("cpu")
     model = tiny_stage2_model().eval()
-    ddp_model = wrap_ddp(model, device)
+    ddp_model = wrap_ddp(model, device, TrainConfig())
     per_rank = len(CAPTIONS) // get_world_size()
     rows = slice(get_rank() * per_rank, (get_rank() + 1) * per_rank)
     images = torch.randn(len(CAPTIONS), 3, 32, 32, generator=torch.Generator().manual_seed(1))

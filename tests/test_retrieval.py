@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from eval_retrieval import retrieval_metrics
+from eval_retrieval import candidate_metrics
 from models.tokenizer import init_tokenizer
 from tests.conftest import run_script
 from tests.retrieval_ddp import build_dataset, build_model, evaluate
@@ -18,6 +18,13 @@ MAX_LENGTH = 35  # evaluate_retrieval's default
 
 
 # ------------------------------------------------------------------------------------------------- brute force
+
+def retrieval_metrics(scores_i2t, scores_t2i, txt2img):
+    """candidate_metrics with every text and every image a candidate: dense [I, T] and [T, I] scores."""
+    scores_i2t, scores_t2i = torch.as_tensor(scores_i2t), torch.as_tensor(scores_t2i)
+    return candidate_metrics(torch.arange(scores_i2t.shape[1]).expand_as(scores_i2t), scores_i2t,
+                             torch.arange(scores_t2i.shape[1]).expand_as(scores_t2i), scores_t2i, txt2img)
+
 
 def brute_rank(row, targets):
     """Position of the best-placed target when `row` is sorted by descending score: the number of entries that
@@ -73,9 +80,9 @@ def test_retrieval_metrics_match_brute_force_on_random_scores(seed):
     assert any(0 < expected[k] < 100 for k in ("img_r1", "img_r5", "img_r10")), expected
     for dtype in (torch.float32, torch.float64):
         actual = retrieval_metrics(torch.tensor(scores_i2t, dtype=dtype), torch.tensor(scores_t2i, dtype=dtype),
-                                   img2txt, txt2img)
+                                   txt2img)
         assert_metrics_equal(actual, expected)
-    assert_metrics_equal(retrieval_metrics(scores_i2t, scores_t2i, img2txt, txt2img), expected)  # NumPy input
+    assert_metrics_equal(retrieval_metrics(scores_i2t, scores_t2i, txt2img), expected)  # NumPy input
 
 
 def _scores_from_orders(orders):
@@ -105,7 +112,7 @@ def test_retrieval_metrics_hand_checked_case():
     # A transposed i2t matrix would give other image ranks: the t2i metrics must come from scores_t2i.
     assert brute_metrics(scores_i2t, scores_i2t.T, img2txt, txt2img)["img_r1"] != 50.0
 
-    metrics = retrieval_metrics(torch.tensor(scores_i2t), torch.tensor(scores_t2i), img2txt, txt2img)
+    metrics = retrieval_metrics(torch.tensor(scores_i2t), torch.tensor(scores_t2i), txt2img)
     expected = {"txt_r1": 100 / 3, "txt_r5": 200 / 3, "txt_r10": 200 / 3, "img_r1": 50.0, "img_r5": 100.0,
                 "img_r10": 100.0}
     expected["txt_r_mean"] = (100 / 3 + 400 / 3) / 3
@@ -119,7 +126,7 @@ def test_retrieval_metrics_hand_checked_case():
     for image, texts in enumerate(img2txt):
         perfect_i2t[image, texts] = 1.0 + np.arange(len(texts)) * 1e-3
     perfect_t2i = np.eye(3)[txt2img] + np.arange(3)[None, :] * 1e-3
-    perfect = retrieval_metrics(perfect_i2t, perfect_t2i, img2txt, txt2img)
+    perfect = retrieval_metrics(perfect_i2t, perfect_t2i, txt2img)
     assert all(perfect[k] == pytest.approx(100.0) for k in KEYS), perfect
 
 
@@ -176,8 +183,11 @@ def setup(demo_data):
 def test_itc_scores_match_pair_by_pair_similarity(setup):
     dataset, itc = setup["dataset"], setup["itc"]
     metrics, scores = evaluate(setup["model"], dataset, setup["tokenizer"], torch.device("cpu"), "itc", k_test=3)
-    torch.testing.assert_close(scores["i2t"].double(), itc, atol=1e-5, rtol=0)
-    torch.testing.assert_close(scores["t2i"].double(), itc.t(), atol=1e-5, rtol=0)
+    # Only the 10 best of each row are kept (R@10 needs no more), with their pair-by-pair similarity.
+    for name, sim in (("i2t", itc), ("t2i", itc.t())):
+        chosen = torch.isfinite(scores[name])
+        assert torch.equal(chosen, torch.zeros_like(chosen).scatter_(1, sim.topk(min(10, sim.shape[1]), dim=1).indices, True)), name
+        torch.testing.assert_close(scores[name][chosen].double(), sim[chosen], atol=1e-5, rtol=0)
     expected = brute_metrics(itc.numpy(), itc.t().numpy(), dataset.img2txt, dataset.txt2img)
     assert_metrics_equal(metrics, expected)
     # The metrics say something: not all perfect, not all zero.

@@ -1,0 +1,466 @@
+"""Benchmarks: training samples/s, evaluation throughput, peak memory and FLOPs of the four jobs, random weights.
+
+    python bench.py --task stage1 --size tiny                            # one case on CPU (or --device cuda)
+    python bench.py --task stage1 --size real --device cuda --options train.amp=bf16 model.vit_precision=bf16
+    python bench.py --task stage1 --size tiny --staircase --json out.json   # the fast path, one switch at a time
+    python bench.py --task stage2 --size real --device cuda --max_batch   # the largest batch that fits
+    python -m torch.distributed.run --nproc_per_node=8 bench.py --task stage1 --size real --device cuda
+
+Tasks: `nlvr` (train: forward + backward + AdamW step; eval: NLVR logits), `stage1` (train), `stage2` (train;
+eval: beam-search captions) and `retrieval` (eval: the whole retrieval evaluation of `eval_retrieval.py` over
+--num_images synthetic images with 5 texts each). Sizes: `tiny` (the demo configs), `base` and `real` (see SIZES).
+The model and its options come from the task's YAML config (the demo config for tiny) with --options applied, so
+every fast-path switch is measured as the trainers run it: the steps go through `utils.train_one_epoch`.
+
+Each timing is --reps repetitions of --steps steps after --warmup steps; the median and the spread (min, max) of
+samples/s are reported. FLOPs per sample are counted once with `torch.utils.flop_counter.FlopCounterMode` over a
+forward + backward (evaluation: a forward), so that on CUDA the model FLOPs utilisation (MFU) is printed against
+the GPU's dense bf16 peak (--peak_tflops to set it). Peak memory: CUDA's max allocated; on CPU the process's peak
+resident set (the staircase runs every case in a fresh process for that reason). Results print as a table and go
+to --json as a list of records.
+"""
+
+import argparse
+import contextlib
+import io
+import json
+import os
+import resource
+import statistics
+import string
+import subprocess
+import sys
+import tempfile
+import time
+from functools import partial
+
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.data import Dataset
+from torch.utils.flop_counter import FlopCounterMode
+from transformers import OPTConfig, OPTForCausalLM
+
+from data.loader import eval_loader
+from eval_caption import caption_function, generation_options
+from eval_retrieval import RetrievalConfig, evaluate_retrieval
+from models import blip2_opt, blip2_qformer, blip_nlvr
+from train_blip2_stage1 import Stage1Config, stage1_loss
+from train_blip2_stage2 import Stage2Config, stage2_loss
+from train_demo_lm import build_demo_tokenizer
+from train_nlvr import NLVRConfig, logits_and_labels, nlvr_loss
+from utils import (attention_kernels, autocast, build_optimizer, build_scheduler, grad_scaler, init_distributed,
+                   is_main_process, load_config, log, train_one_epoch, wrap_ddp)
+
+TASKS = {  # task: (schema, {size: config file}, modes)
+    "nlvr": (NLVRConfig, {"tiny": "configs/nlvr_demo.yaml", "base": "configs/nlvr.yaml", "real": "configs/nlvr.yaml"},
+             ("train", "eval")),
+    "stage1": (Stage1Config, {"tiny": "configs/blip2_stage1_demo.yaml", "base": "configs/blip2_stage1.yaml",
+                              "real": "configs/blip2_stage1.yaml"}, ("train",)),
+    "stage2": (Stage2Config, {"tiny": "configs/blip2_stage2_demo.yaml", "base": "configs/blip2_stage2.yaml",
+                              "real": "configs/blip2_stage2.yaml"}, ("train", "eval")),
+    "retrieval": (RetrievalConfig, {"tiny": "configs/blip2_stage1_demo.yaml", "base": "configs/retrieval_coco.yaml",
+                                    "real": "configs/retrieval_coco.yaml"}, ("eval",)),
+}
+# Overrides of the config files per size: weights are random, so nothing is downloaded.
+NO_WEIGHTS = {"nlvr": ["model.pretrained=null"],
+              "stage1": ["model.pretrained=null", "model.vit_pretrained=null", "model.bert=null"],
+              "stage2": ["model.pretrained=null", "model.vit_pretrained=null"],
+              "retrieval": ["model.pretrained=null", "model.vit_pretrained=null", "model.bert=null"]}
+SIZES = {
+    ("nlvr", "base"): ["model.image_size=224"],                                  # ViT-B/16 at 224, BERT-base
+    ("stage1", "base"): ["model.vision=clip_vit_L"],                             # CLIP ViT-L/14 at 224, Q-Former
+    ("stage2", "base"): ["model.vision=clip_vit_L"],                             # ... with an OPT-125m
+    ("retrieval", "base"): ["model.vision=clip_vit_L", "model.image_size=224"],  # COCO-5k sized, CLIP ViT-L/224
+}
+OPT_SHAPES = {  # hidden, layers, heads, FFN (facebook/opt-125m and facebook/opt-2.7b); vocabulary 50272
+    "tiny": (128, 4, 4, 512), "base": (768, 12, 12, 3072), "real": (2560, 32, 32, 10240)}
+RETRIEVAL_IMAGES = {"tiny": 500, "base": 5000, "real": 5000}
+# The fast path, switch by switch (each step keeps the ones before it); the first entry is the "before".
+STAIRCASE = {
+    "train": [("baseline: math attention, explicit ITG mask, for-each AdamW",
+               ["train.attention=math", "model.itg_attention=masked", "train.fused_adamw=false", "train.compile=false"]),
+              ("+ SDPA fused kernels (auto)", ["train.attention=auto"]),
+              ("+ ITG bottom-right causal, no mask", ["model.itg_attention=causal"]),
+              ("+ fused AdamW", ["train.fused_adamw=true"]),
+              ("+ torch.compile", ["train.compile=true"])],
+    "eval": [("baseline: math attention", ["train.attention=math"]),
+             ("+ SDPA fused kernels (auto)", ["train.attention=auto"])],
+}
+BF16_PEAK_TFLOPS = {"H100": 989.4, "H200": 989.4, "H800": 989.4, "A100": 312.0, "A800": 312.0, "L40S": 362.1,
+                    "A10G": 70.0}
+WORDS = [a + b for a in string.ascii_lowercase[:10] for b in string.ascii_lowercase[:10]]  # one token each
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--task", choices=TASKS, required=True)
+    parser.add_argument("--size", choices=("tiny", "base", "real"), default="tiny")
+    parser.add_argument("--mode", choices=("train", "eval", "both"), default="both",
+                        help="what to measure (a task's modes: see the docstring)")
+    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when there is one)")
+    parser.add_argument("--batch_size", type=int, help="per process (default: the config's train/eval batch size)")
+    parser.add_argument("--steps", type=int, default=10, help="timed steps per repetition")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--num_images", type=int, help="retrieval: images (5 texts each); default by size")
+    parser.add_argument("--options", nargs="+", default=[], help="config overrides key=value, as the scripts take")
+    parser.add_argument("--staircase", action="store_true", help="measure the fast path switch by switch")
+    parser.add_argument("--max_batch", action="store_true", help="CUDA: search the largest training batch")
+    parser.add_argument("--peak_tflops", type=float, help="the GPU's dense bf16 peak for MFU (default: by name)")
+    parser.add_argument("--json", help="write the records to this file (a list; appended to if it exists)")
+    return parser.parse_args(argv)
+
+
+# ------------------------------------------------------------------------------------------------ inputs
+
+def write_vocab(directory, size):
+    """A WordPiece vocab.txt of `size` entries: BERT's specials, WORDS, then unused fillers (the model's vocabulary
+    size is what costs, not which words are in it)."""
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    fillers = [f"[unused{i}]" for i in range(max(0, size - len(specials) - len(WORDS)))]
+    with open(os.path.join(directory, "vocab.txt"), "w") as f:
+        f.write("\n".join(specials + WORDS + fillers) + "\n")
+    return directory
+
+
+def random_sentences(generator, count, min_words=8, max_words=16):
+    lengths = torch.randint(min_words, max_words + 1, (count,), generator=generator).tolist()
+    return [" ".join(WORDS[i] for i in torch.randint(len(WORDS), (n,), generator=generator).tolist())
+            for n in lengths]
+
+
+def build_config(task, size, options, workdir):
+    schema, files, _ = TASKS[task]
+    vocab = write_vocab(workdir, 30522 if size != "tiny" else 128)
+    overrides = NO_WEIGHTS[task] + SIZES.get((task, size), [])
+    if task != "stage2":  # stage 2's OPT and its tokenizer are random_opt's
+        overrides.append(f"model.tokenizer={vocab}")
+    return load_config(files[size], schema, overrides + list(options))
+
+
+def random_opt(size, opt_precision, device):
+    """(OPTForCausalLM of OPT_SHAPES[size] with random weights, a byte-level BPE tokenizer with OPT's specials)."""
+    tokenizer = build_demo_tokenizer([w + "\n" for w in WORDS])
+    hidden, layers, heads, ffn = OPT_SHAPES[size]
+    config = OPTConfig(vocab_size=50272, hidden_size=hidden, word_embed_proj_dim=hidden, num_hidden_layers=layers,
+                       num_attention_heads=heads, ffn_dim=ffn, max_position_embeddings=2048,
+                       do_layer_norm_before=True, pad_token_id=tokenizer.pad_token_id,
+                       bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    with torch.device(device):
+        model = OPTForCausalLM(config).to(blip2_opt.PRECISIONS[opt_precision])
+    return model, tokenizer
+
+
+def build_model(task, cfg, size, device):
+    """(model on `device`, tokenizer) of the config, with random weights."""
+    if task == "nlvr":
+        model, tokenizer = blip_nlvr.create_model(cfg.model)
+    elif task == "stage2":
+        opt, tokenizer = random_opt(size, cfg.model.opt_precision, device)
+        m = cfg.model
+        model = blip2_opt.Blip2OPT(opt, tokenizer, **m.encoder_kwargs(), qformer=m.qformer,
+                                   num_query_tokens=m.num_query_tokens, cross_attention_freq=m.cross_attention_freq,
+                                   prompt=m.prompt, max_txt_len=m.max_txt_len)
+    else:
+        model, tokenizer = blip2_qformer.create_model(cfg.model, load_bert=False)
+    return model.to(device), tokenizer
+
+
+def train_batch(task, cfg, batch_size, generator):
+    size = cfg.model.image_size
+    images = torch.randn(batch_size, 3, size, size, generator=generator)
+    if task == "nlvr":
+        labels = torch.randint(2, (batch_size,), generator=generator)
+        return images, torch.randn(batch_size, 3, size, size, generator=generator), \
+            random_sentences(generator, batch_size), labels
+    image_ids = torch.randperm(batch_size, generator=generator)
+    return images, random_sentences(generator, batch_size), image_ids
+
+
+def loss_function(task, cfg, tokenizer, device):
+    if task == "nlvr":
+        return partial(nlvr_loss, tokenizer=tokenizer, device=device)
+    if task == "stage1":
+        return partial(stage1_loss, tokenizer=tokenizer, max_txt_len=cfg.model.max_txt_len,
+                       same_image_positives=cfg.model.same_image_positives, device=device)
+    return partial(stage2_loss, device=device)
+
+
+class RandomRetrievalSet(Dataset):
+    """Random images with 5 random texts each, shaped like data.caption.RetrievalDataset."""
+
+    def __init__(self, num_images, image_size, generator):
+        self.images = torch.randn(num_images, 3, image_size, image_size, generator=generator, dtype=torch.bfloat16)
+        self.text = random_sentences(generator, 5 * num_images)
+        self.img2txt = [list(range(5 * i, 5 * i + 5)) for i in range(num_images)]
+        self.txt2img = [t // 5 for t in range(5 * num_images)]
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, index):
+        return self.images[index].float(), index
+
+
+# ------------------------------------------------------------------------------------------------ measuring
+
+def synchronize(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn, device):
+    synchronize(device)
+    start = time.perf_counter()
+    fn()
+    synchronize(device)
+    return time.perf_counter() - start
+
+
+def flops_of(fn, model, inference=False):
+    """Model FLOPs of `fn()`, counted on the math attention kernel (PyTorch has FLOP formulas for the CUDA fused
+    kernels only, not the CPU ones) and the explicit ITG mask (a CausalBias cannot be created under
+    FlopCounterMode): the matrix products, hence the count, are the same for every kernel and mask. `inference`:
+    the parameters stop requiring grad meanwhile, as the counter's module hooks fail on no_grad views of them."""
+    itg_attention = getattr(model, "itg_attention", None)
+    trainable = [p for p in model.parameters() if p.requires_grad] if inference else []
+    if itg_attention:
+        model.itg_attention = "masked"
+    for p in trainable:
+        p.requires_grad_(False)
+    counter = FlopCounterMode(display=False)
+    try:
+        with counter, sdpa_kernel(SDPBackend.MATH):
+            fn()
+    finally:
+        if itg_attention:
+            model.itg_attention = itg_attention
+        for p in trainable:
+            p.requires_grad_(True)
+    return counter.get_total_flops()
+
+
+def peak_memory_mb(device):
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2 ** 20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def measure_train(task, cfg, model, tokenizer, device, args):
+    cfg.train.print_freq = 10 ** 9
+    batch_size = args.batch_size or cfg.train.batch_size
+    batch = train_batch(task, cfg, batch_size, torch.Generator().manual_seed(0))
+    loss_fn = loss_function(task, cfg, tokenizer, device)
+    optimizer = build_optimizer(model, cfg.train)
+    scheduler = build_scheduler(optimizer, cfg.train, steps_per_epoch=10 ** 6)
+    scaler = grad_scaler(device, cfg.train.amp)
+    train_model = wrap_ddp(model, device, cfg.train)
+
+    def steps(n):
+        with contextlib.redirect_stdout(io.StringIO()):  # the loop's progress lines
+            train_one_epoch(train_model, [batch] * n, loss_fn, optimizer, scheduler, scaler, 0, cfg.train, device)
+
+    def forward_backward():
+        with autocast(device, cfg.train.amp):
+            loss = loss_fn(model, batch)["loss"]
+        loss.backward()
+        optimizer.zero_grad(set_to_none=True)
+
+    steps(args.warmup)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    seconds = [timed(partial(steps, args.steps), device) for _ in range(args.reps)]
+    memory = peak_memory_mb(device)
+    flops = flops_of(forward_backward, model) / batch_size
+    return batch_size, [args.steps * batch_size / s for s in seconds], flops, memory
+
+
+def measure_eval(task, cfg, model, tokenizer, device, args):
+    model.eval()
+    generator = torch.Generator().manual_seed(0)
+    if task == "retrieval":
+        return measure_retrieval(cfg, model, tokenizer, device, args, generator)
+    batch_size = args.batch_size or cfg.eval.batch_size
+    batch = train_batch(task, cfg, batch_size, generator)
+    if task == "nlvr":
+        def forward():
+            with torch.no_grad(), autocast(device, cfg.train.amp):
+                logits_and_labels(model, batch, tokenizer, device)
+    else:
+        caption = caption_function(model, tokenizer, generation_options(cfg.eval), device, cfg.train.amp)
+
+        def forward():
+            with torch.no_grad():
+                caption(batch[0])
+
+    def steps(n):
+        with attention_kernels(cfg.train.attention):
+            for _ in range(n):
+                forward()
+
+    steps(args.warmup)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    seconds = [timed(partial(steps, args.steps), device) for _ in range(args.reps)]
+    memory = peak_memory_mb(device)
+    flops = flops_of(forward, model, inference=True) / batch_size
+    return batch_size, [args.steps * batch_size / s for s in seconds], flops, memory
+
+
+def measure_retrieval(cfg, model, tokenizer, device, args, generator):
+    """The whole evaluation (ITC features, top-k_test ITM re-ranking, metrics) over a random COCO-shaped split;
+    throughput in images/s. FLOPs are not counted (they depend on which pairs the top-k picks)."""
+    num_images = args.num_images or RETRIEVAL_IMAGES[args.size]
+    dataset = RandomRetrievalSet(num_images, cfg.model.image_size, generator)
+    loader = eval_loader(dataset, args.batch_size or cfg.eval.batch_size, num_workers=0)
+    e = cfg.eval
+
+    def run():
+        with attention_kernels(cfg.train.attention), contextlib.redirect_stdout(io.StringIO()):
+            evaluate_retrieval(model, loader, tokenizer, device, cfg.train.amp, e.k_test, e.score, e.text_batch_size,
+                               e.itm_batch_size, e.max_txt_len, header="bench")
+
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    seconds = [timed(run, device) for _ in range(args.reps)]
+    return loader.batch_size, [num_images / s for s in seconds], None, peak_memory_mb(device)
+
+
+def max_train_batch(task, cfg, model, tokenizer, device, start=8):
+    """The largest per-process training batch whose step fits in GPU memory: doubling, then bisection."""
+    loss_fn = loss_function(task, cfg, tokenizer, device)
+    optimizer = build_optimizer(model, cfg.train)
+
+    def fits(batch_size):
+        batch = train_batch(task, cfg, batch_size, torch.Generator().manual_seed(0))
+        try:
+            with attention_kernels(cfg.train.attention), autocast(device, cfg.train.amp):
+                loss = loss_fn(model, batch)["loss"]
+            loss.backward()
+            optimizer.step()
+            return True
+        except torch.OutOfMemoryError:
+            return False
+        finally:
+            optimizer.zero_grad(set_to_none=True)
+            loss = None
+            torch.cuda.empty_cache()
+
+    low, high = 0, start
+    while fits(high):
+        low, high = high, high * 2
+    while high - low > 1:
+        middle = (low + high) // 2
+        low, high = (middle, high) if fits(middle) else (low, middle)
+    return low
+
+
+def gpu_peak_tflops(device, given):
+    if given or device.type != "cuda":
+        return given
+    name = torch.cuda.get_device_name(device)
+    return next((peak for key, peak in BF16_PEAK_TFLOPS.items() if key in name), None)
+
+
+def run_case(args):
+    device = init_distributed(args.device)
+    torch.manual_seed(0)
+    records = []
+    with tempfile.TemporaryDirectory() as workdir:
+        cfg = build_config(args.task, args.size, args.options, workdir)
+        model, tokenizer = build_model(args.task, cfg, args.size, device)
+        if args.max_batch:
+            return [dict(case(args, device, "train"), max_batch=max_train_batch(args.task, cfg, model, tokenizer,
+                                                                                device))]
+        modes = TASKS[args.task][2] if args.mode == "both" else [args.mode]
+        for mode in modes:
+            measure = measure_train if mode == "train" else measure_eval
+            batch_size, rates, flops, memory = measure(args.task, cfg, model, tokenizer, device, args)
+            records.append(result(args, device, mode, batch_size, rates, flops, memory))
+    return records
+
+
+def case(args, device, mode):
+    return {"task": args.task, "size": args.size, "mode": mode, "options": list(args.options),
+            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({os.cpu_count()} cores)",
+            "processes": int(os.environ.get("WORLD_SIZE", 1)), "torch": torch.__version__,
+            "date": time.strftime("%Y-%m-%d")}
+
+
+def result(args, device, mode, batch_size, rates, flops, memory):
+    median = statistics.median(rates)
+    record = dict(case(args, device, mode), batch_size=batch_size, samples_per_s=round(median, 3),
+                  samples_per_s_min=round(min(rates), 3), samples_per_s_max=round(max(rates), 3),
+                  reps=args.reps, steps=args.steps, warmup=args.warmup, peak_memory_mb=round(memory, 1),
+                  gflops_per_sample=None if flops is None else round(flops / 1e9, 4))
+    if flops is not None:
+        record["tflops_per_s"] = round(flops * median / 1e12, 4)
+        peak = gpu_peak_tflops(device, args.peak_tflops)
+        record["mfu"] = round(record["tflops_per_s"] / peak, 4) if peak else None
+    return record
+
+
+def staircase(args, argv):
+    """Every step of STAIRCASE for each of the task's modes, each in a fresh process."""
+    records = []
+    modes = TASKS[args.task][2] if args.mode == "both" else [args.mode]
+    passthrough = _without(argv, {"--staircase": 0, "--json": 1, "--options": None, "--mode": 1})
+    for mode in modes:
+        options = []
+        for label, switches in STAIRCASE[mode]:
+            options = options + switches
+            with tempfile.NamedTemporaryFile(suffix=".json") as out:
+                command = [sys.executable, __file__, *passthrough, "--mode", mode, "--json", out.name,
+                           "--options", *args.options, *options]
+                subprocess.run(command, check=True)
+                step = json.load(open(out.name))
+            for record in step:
+                record["step"] = label
+                print_record(record)
+            records += step
+    return records
+
+
+def _without(argv, flags):
+    """argv without `flags` ({flag: number of values, None for all values up to the next flag})."""
+    kept, skip = [], 0
+    for i, item in enumerate(argv):
+        if skip:
+            if skip > 0 or not item.startswith("--"):
+                skip -= 1 if skip > 0 else 0
+                continue
+            skip = 0
+        if item in flags:
+            skip = flags[item] if flags[item] is not None else -1
+            continue
+        kept.append(item)
+    return kept
+
+
+def print_record(record):
+    mfu = f"  MFU {100 * record['mfu']:.1f}%" if record.get("mfu") else ""
+    flops = f"  {record['gflops_per_sample']:.3f} GFLOP/sample" if record.get("gflops_per_sample") else ""
+    extra = f"  max batch {record['max_batch']}" if "max_batch" in record else ""
+    log(f"{record['task']:9s} {record['size']:4s} {record['mode']:5s} b={record.get('batch_size', '-')!s:4s} "
+        f"{record.get('samples_per_s', 0):10.2f} samples/s [{record.get('samples_per_s_min', 0):.2f}, "
+        f"{record.get('samples_per_s_max', 0):.2f}]  peak {record.get('peak_memory_mb', 0):.0f} MB"
+        f"{flops}{mfu}{extra}  {record.get('step', ' '.join(record['options']))}")
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_args(argv)
+    if args.max_batch and args.device != "cuda":
+        sys.exit("--max_batch searches GPU memory: add --device cuda")
+    records = staircase(args, argv) if args.staircase else run_case(args)
+    if not args.staircase:
+        for record in records:
+            print_record(record)
+    if args.json and is_main_process():
+        previous = json.load(open(args.json)) if os.path.exists(args.json) and os.path.getsize(args.json) else []
+        with open(args.json, "w") as f:
+            json.dump(previous + records, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
