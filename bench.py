@@ -16,12 +16,14 @@ Each timing is --reps repetitions of --steps steps after --warmup steps; the med
 samples/s are reported. FLOPs per sample are counted once with `torch.utils.flop_counter.FlopCounterMode` over a
 forward + backward (evaluation: a forward), so that on CUDA the model FLOPs utilisation (MFU) is printed against
 the GPU's dense bf16 peak (--peak_tflops to set it). Peak memory: CUDA's max allocated; on CPU the process's peak
-resident set (the staircase runs every case in a fresh process for that reason). Results print as a table and go
+resident set so far (the staircase runs every case in a fresh process for that reason; a run of both modes
+reports the larger peak for its second). Results print as a table and go
 to --json as a list of records.
 """
 
 import argparse
 import contextlib
+import dataclasses
 import io
 import json
 import os
@@ -32,6 +34,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import typing
 from functools import partial
 
 import torch
@@ -49,7 +52,7 @@ from train_blip2_stage2 import Stage2Config, stage2_loss
 from train_demo_lm import build_demo_tokenizer
 from train_nlvr import NLVRConfig, logits_and_labels, nlvr_loss
 from utils import (attention_kernels, autocast, build_optimizer, build_scheduler, grad_scaler, init_distributed,
-                   is_main_process, load_config, log, train_one_epoch, wrap_ddp)
+                   is_main_process, load_config, log, run_main, train_one_epoch, wrap_ddp)
 
 TASKS = {  # task: (schema, {size: config file}, modes)
     "nlvr": (NLVRConfig, {"tiny": "configs/nlvr_demo.yaml", "base": "configs/nlvr.yaml", "real": "configs/nlvr.yaml"},
@@ -77,7 +80,7 @@ OPT_SHAPES = {  # hidden, layers, heads, FFN (facebook/opt-125m and facebook/opt
 RETRIEVAL_IMAGES = {"tiny": 500, "base": 5000, "real": 5000}
 # The fast path, switch by switch (each step keeps the ones before it); the first entry is the "before".
 STAIRCASE = {
-    "train": [("baseline: math attention, explicit ITG mask, for-each AdamW",
+    "train": [("baseline: math attention, for-each AdamW (stage 1: explicit ITG mask)",
                ["train.attention=math", "model.itg_attention=masked", "train.fused_adamw=false", "train.compile=false"]),
               ("+ SDPA fused kernels (auto)", ["train.attention=auto"]),
               ("+ ITG bottom-right causal, no mask", ["model.itg_attention=causal"]),
@@ -92,7 +95,8 @@ WORDS = [a + b for a in string.ascii_lowercase[:10] for b in string.ascii_lowerc
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     allow_abbrev=False)
     parser.add_argument("--task", choices=TASKS, required=True)
     parser.add_argument("--size", choices=("tiny", "base", "real"), default="tiny")
     parser.add_argument("--mode", choices=("train", "eval", "both"), default="both",
@@ -104,7 +108,8 @@ def parse_args(argv=None):
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--num_images", type=int, help="retrieval: images (5 texts each); default by size")
     parser.add_argument("--options", nargs="+", default=[], help="config overrides key=value, as the scripts take")
-    parser.add_argument("--staircase", action="store_true", help="measure the fast path switch by switch")
+    parser.add_argument("--staircase", action="store_true", help="measure the fast path switch by switch; keys "
+                        "set with --options stay as set (e.g. train.compile=false leaves out the compile step)")
     parser.add_argument("--max_batch", action="store_true", help="CUDA: search the largest training batch")
     parser.add_argument("--peak_tflops", type=float, help="the GPU's dense bf16 peak for MFU (default: by name)")
     parser.add_argument("--json", help="write the records to this file (a list; appended to if it exists)")
@@ -401,17 +406,23 @@ def result(args, device, mode, batch_size, rates, flops, memory):
 
 
 def staircase(args, argv):
-    """Every step of STAIRCASE for each of the task's modes, each in a fresh process."""
+    """Every step of STAIRCASE for each of the task's modes, each in a fresh process; switches of keys the task's
+    config lacks or --options sets are left out."""
     records = []
     modes = TASKS[args.task][2] if args.mode == "both" else [args.mode]
     passthrough = _without(argv, {"--staircase": 0, "--json": 1, "--options": None, "--mode": 1})
+    pinned = {option.split("=", 1)[0] for option in args.options}
+    schema = TASKS[args.task][0]
     for mode in modes:
         options = []
         for label, switches in STAIRCASE[mode]:
+            switches = [s for s in switches if s.split("=", 1)[0] not in pinned and has_key(schema, s.split("=")[0])]
+            if options and not switches:
+                continue
             options = options + switches
             with tempfile.NamedTemporaryFile(suffix=".json") as out:
                 command = [sys.executable, __file__, *passthrough, "--mode", mode, "--json", out.name,
-                           "--options", *args.options, *options]
+                           "--options", *options, *args.options]
                 subprocess.run(command, check=True)
                 step = json.load(open(out.name))
             for record in step:
@@ -419,6 +430,12 @@ def staircase(args, argv):
                 print_record(record)
             records += step
     return records
+
+
+def has_key(schema, dotted):
+    """Whether the config schema has the key `section.name` (the ITG switch is stage 1's only)."""
+    section, name = dotted.split(".")
+    return name in {f.name for f in dataclasses.fields(typing.get_type_hints(schema)[section])}
 
 
 def _without(argv, flags):
@@ -463,4 +480,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -144,6 +144,10 @@ def wrap_ddp(model, device, cfg):
     """The model as the train loop runs it: in DistributedDataParallel over several processes (never with
     find_unused_parameters: every trainable parameter gets a gradient each step), then torch.compile'd with
     `train.compile`. `model` itself stays eager for evaluation."""
+    if cfg.ddp_static_graph and accumulation_steps(cfg) > 1:
+        raise InputError("train.ddp_static_graph does not work with gradient accumulation (DDP's static graph "
+                         "fails inside no_sync): set train.ddp_static_graph: false, or train.global_batch_size to "
+                         "train.batch_size x processes")
     if get_world_size() > 1:
         model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
                                         gradient_as_bucket_view=cfg.ddp_bucket_view, static_graph=cfg.ddp_static_graph)
@@ -190,7 +194,7 @@ class TrainConfig:
     fused_adamw: bool = False                 # AdamW's fused kernel (CUDA and CPU); off: the for-each/loop one
     attention: typing.Literal["auto", "flash", "efficient", "cudnn", "math"] = "auto"  # SDPA kernels in training
     compile: bool = False                     # torch.compile the training forward (evaluation runs eagerly)
-    ddp_static_graph: bool = False            # DDP: the same parameters get gradients every step
+    ddp_static_graph: bool = False            # DDP: the same parameters get gradients every step (no accumulation)
     ddp_bucket_view: bool = True              # DDP: gradients are views into the all-reduce buckets (no copy)
 
 
@@ -636,10 +640,10 @@ def training_state(model, optimizer, scheduler, scaler, epoch, best_metric, cfg)
 def restore_training_state(ckpt, model, optimizer, scheduler, scaler):
     """Load a `training_state` dict; returns (first epoch to run, best metric so far)."""
     unwrap(model).load_state_dict(ckpt["model"])
-    fused = [group["fused"] for group in optimizer.param_groups]
+    # The config's train.fused_adamw, not the checkpoint's: set before loading, which places the state by it.
+    for saved, group in zip(ckpt["optimizer"]["param_groups"], optimizer.param_groups):
+        saved["fused"] = group["fused"]
     optimizer.load_state_dict(ckpt["optimizer"])
-    for group, value in zip(optimizer.param_groups, fused):  # the config's train.fused_adamw, not the checkpoint's
-        group["fused"] = value
     scheduler.load_state_dict(ckpt["scheduler"])
     scaler.load_state_dict(ckpt["scaler"])
     if len(ckpt["rng"]) == get_world_size():
