@@ -10,7 +10,9 @@ Tasks: `nlvr` (train: forward + backward + AdamW step; eval: NLVR logits), `stag
 eval: beam-search captions) and `retrieval` (eval: the whole retrieval evaluation of `eval_retrieval.py` over
 --num_images synthetic images with 5 texts each). Sizes: `tiny` (the demo configs), `base` and `real` (see SIZES).
 The model and its options come from the task's YAML config (the demo config for tiny) with --options applied, so
-every fast-path switch is measured as the trainers run it: the steps go through `utils.train_one_epoch`.
+every fast-path switch is measured as the trainers run it: the steps go through `utils.train_one_epoch`. With
+`--options data.vit_feature_cache=DIR` (stage 1, 2) training is fed the frozen encoder's tokens instead of images,
+as the feature cache does (reading it from disk is not measured).
 
 Each timing is --reps repetitions of --steps steps after --warmup steps; the median and the spread (min, max) of
 samples/s are reported. FLOPs per sample are counted once with `torch.utils.flop_counter.FlopCounterMode` over a
@@ -182,6 +184,15 @@ def train_batch(task, cfg, batch_size, generator):
     return images, random_sentences(generator, batch_size), image_ids
 
 
+def cached_tokens(model, cfg, batch_size, device):
+    """What data.vit_feature_cache feeds in place of images: random tokens of the frozen encoder's output shape and
+    dtype [B, N, Dv] (reading them from disk is not measured)."""
+    size = cfg.model.image_size
+    with torch.no_grad():
+        shape = model.visual_encoder(torch.zeros(1, 3, size, size, device=device))
+    return torch.randn(batch_size, *shape.shape[1:], generator=torch.Generator().manual_seed(0)).to(shape.dtype)
+
+
 def loss_function(task, cfg, tokenizer, device):
     if task == "nlvr":
         return partial(nlvr_loss, tokenizer=tokenizer, device=device)
@@ -255,6 +266,8 @@ def measure_train(task, cfg, model, tokenizer, device, args):
     cfg.train.print_freq = 10 ** 9
     batch_size = args.batch_size or cfg.train.batch_size
     batch = train_batch(task, cfg, batch_size, torch.Generator().manual_seed(0))
+    if getattr(cfg.data, "vit_feature_cache", None):
+        batch = (cached_tokens(model, cfg, batch_size, device), *batch[1:])
     loss_fn = loss_function(task, cfg, tokenizer, device)
     optimizer = build_optimizer(model, cfg.train)
     scheduler = build_scheduler(optimizer, cfg.train, steps_per_epoch=10 ** 6)
@@ -423,7 +436,7 @@ def staircase(args, argv):
             with tempfile.NamedTemporaryFile(suffix=".json") as out:
                 command = [sys.executable, __file__, *passthrough, "--mode", mode, "--json", out.name,
                            "--options", *options, *args.options]
-                subprocess.run(command, check=True)
+                subprocess.run(command, check=True, stdout=subprocess.DEVNULL)  # its records are printed below
                 step = json.load(open(out.name))
             for record in step:
                 record["step"] = label
