@@ -80,7 +80,8 @@ SIZES = {
 OPT_SHAPES = {  # hidden, layers, heads, FFN (facebook/opt-125m and facebook/opt-2.7b); vocabulary 50272
     "tiny": (128, 4, 4, 512), "base": (768, 12, 12, 3072), "real": (2560, 32, 32, 10240)}
 RETRIEVAL_IMAGES = {"tiny": 500, "base": 5000, "real": 5000}
-# The fast path, switch by switch (each step keeps the ones before it); the first entry is the "before".
+# The fast path, switch by switch (each step keeps the ones before it); the first entry is the "before". In
+# evaluation the bench applies train.attention too (the evaluation scripts always run with "auto").
 STAIRCASE = {
     "train": [("baseline: math attention, for-each AdamW (stage 1: explicit ITG mask)",
                ["train.attention=math", "model.itg_attention=masked", "train.fused_adamw=false", "train.compile=false"]),
