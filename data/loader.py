@@ -12,7 +12,9 @@ class LoaderConfig:
     """The data-loading keys of every `data:` section."""
     num_workers: int = 4
     pin_memory: bool = True                   # page-locked batches, copied to the GPU asynchronously (CUDA only)
-    persistent_workers: bool = True           # keep the worker processes from epoch to epoch and between splits
+    # Keep the worker processes from epoch to epoch. Their random state then runs on through the epochs, so a
+    # resumed run augments differently from an unbroken one (fresh workers are seeded from the restored RNG).
+    persistent_workers: bool = False
     prefetch_factor: int = 2                  # batches each worker prepares ahead
 
     def loader_kwargs(self, device):
