@@ -98,8 +98,7 @@ WORDS = [a + b for a in string.ascii_lowercase[:10] for b in string.ascii_lowerc
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     allow_abbrev=False)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--task", choices=TASKS, required=True)
     parser.add_argument("--size", choices=("tiny", "base", "real"), default="tiny")
     parser.add_argument("--mode", choices=("train", "eval", "both"), default="both",
@@ -263,6 +262,16 @@ def peak_memory_mb(device):
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
+def repeated_rates(steps, batch_size, device, args):
+    """`steps(n)` runs n steps of `batch_size` samples: after --warmup steps, samples/s of each of --reps repetitions
+    of --steps steps, and the peak memory over the repetitions."""
+    steps(args.warmup)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    seconds = [timed(partial(steps, args.steps), device) for _ in range(args.reps)]
+    return [args.steps * batch_size / s for s in seconds], peak_memory_mb(device)
+
+
 def measure_train(task, cfg, model, tokenizer, device, args):
     cfg.train.print_freq = 10 ** 9
     batch_size = args.batch_size or cfg.train.batch_size
@@ -285,13 +294,8 @@ def measure_train(task, cfg, model, tokenizer, device, args):
         loss.backward()
         optimizer.zero_grad(set_to_none=True)
 
-    steps(args.warmup)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    seconds = [timed(partial(steps, args.steps), device) for _ in range(args.reps)]
-    memory = peak_memory_mb(device)
-    flops = flops_of(forward_backward, model) / batch_size
-    return batch_size, [args.steps * batch_size / s for s in seconds], flops, memory
+    rates, memory = repeated_rates(steps, batch_size, device, args)
+    return batch_size, rates, flops_of(forward_backward, model) / batch_size, memory
 
 
 def measure_eval(task, cfg, model, tokenizer, device, args):
@@ -317,13 +321,8 @@ def measure_eval(task, cfg, model, tokenizer, device, args):
             for _ in range(n):
                 forward()
 
-    steps(args.warmup)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    seconds = [timed(partial(steps, args.steps), device) for _ in range(args.reps)]
-    memory = peak_memory_mb(device)
-    flops = flops_of(forward, model, inference=True) / batch_size
-    return batch_size, [args.steps * batch_size / s for s in seconds], flops, memory
+    rates, memory = repeated_rates(steps, batch_size, device, args)
+    return batch_size, rates, flops_of(forward, model, inference=True) / batch_size, memory
 
 
 def measure_retrieval(cfg, model, tokenizer, device, args, generator):
@@ -419,23 +418,23 @@ def result(args, device, mode, batch_size, rates, flops, memory):
     return record
 
 
-def staircase(args, argv):
+def staircase(args):
     """Every step of STAIRCASE for each of the task's modes, each in a fresh process; switches of keys the task's
     config lacks or --options sets are left out."""
     records = []
     modes = TASKS[args.task][2] if args.mode == "both" else [args.mode]
-    passthrough = _without(argv, {"--staircase": 0, "--json": 1, "--options": None, "--mode": 1})
     pinned = {option.split("=", 1)[0] for option in args.options}
     schema = TASKS[args.task][0]
     for mode in modes:
         options = []
         for label, switches in STAIRCASE[mode]:
-            switches = [s for s in switches if s.split("=", 1)[0] not in pinned and has_key(schema, s.split("=")[0])]
+            keys = [switch.split("=", 1)[0] for switch in switches]
+            switches = [s for s, key in zip(switches, keys) if key not in pinned and has_key(schema, key)]
             if options and not switches:
                 continue
             options = options + switches
             with tempfile.NamedTemporaryFile(suffix=".json") as out:
-                command = [sys.executable, __file__, *passthrough, "--mode", mode, "--json", out.name,
+                command = [sys.executable, __file__, *case_arguments(args), "--mode", mode, "--json", out.name,
                            "--options", *options, *args.options]
                 subprocess.run(command, check=True, stdout=subprocess.DEVNULL)  # its records are printed below
                 step = json.load(open(out.name))
@@ -452,20 +451,12 @@ def has_key(schema, dotted):
     return name in {f.name for f in dataclasses.fields(typing.get_type_hints(schema)[section])}
 
 
-def _without(argv, flags):
-    """argv without `flags` ({flag: number of values, None for all values up to the next flag})."""
-    kept, skip = [], 0
-    for i, item in enumerate(argv):
-        if skip:
-            if skip > 0 or not item.startswith("--"):
-                skip -= 1 if skip > 0 else 0
-                continue
-            skip = 0
-        if item in flags:
-            skip = flags[item] if flags[item] is not None else -1
-            continue
-        kept.append(item)
-    return kept
+def case_arguments(args):
+    """The command line of one case with the settings of `args` (no --staircase, --mode, --json or --options)."""
+    values = {"--task": args.task, "--size": args.size, "--device": args.device, "--batch_size": args.batch_size,
+              "--steps": args.steps, "--warmup": args.warmup, "--reps": args.reps, "--num_images": args.num_images,
+              "--peak_tflops": args.peak_tflops}
+    return [str(item) for flag, value in values.items() if value is not None for item in (flag, value)]
 
 
 def print_record(record):
@@ -479,11 +470,10 @@ def print_record(record):
 
 
 def main(argv=None):
-    argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
     if args.max_batch and args.device != "cuda":
         sys.exit("--max_batch searches GPU memory: add --device cuda")
-    records = staircase(args, argv) if args.staircase else run_case(args)
+    records = staircase(args) if args.staircase else run_case(args)
     if not args.staircase:
         for record in records:
             print_record(record)
