@@ -47,14 +47,15 @@ from transformers import OPTConfig, OPTForCausalLM
 
 from data.loader import eval_loader
 from eval_caption import caption_function, generation_options
-from eval_retrieval import RetrievalConfig, evaluate_retrieval
-from models import blip2_opt, blip2_qformer, blip_nlvr
+from eval_retrieval import RetrievalConfig, retrieval_evaluator
+from models import blip2_opt
+from models.inference import MODELS
 from train_blip2_stage1 import Stage1Config, stage1_loss
 from train_blip2_stage2 import Stage2Config, stage2_loss
 from train_demo_lm import build_demo_tokenizer
 from train_nlvr import NLVRConfig, logits_and_labels, nlvr_loss
-from utils import (attention_kernels, autocast, build_optimizer, build_scheduler, grad_scaler, init_distributed,
-                   is_main_process, load_config, log, run_main, train_one_epoch, wrap_ddp)
+from utils import (DTYPES, Autocast, Run, StopSignals, attention_kernels, build_optimizer, init_distributed,
+                   is_main_process, load_config, log, run_main, train_state, train_steps)
 
 TASKS = {  # task: (schema, {size: config file}, modes)
     "nlvr": (NLVRConfig, {"tiny": "configs/nlvr_demo.yaml", "base": "configs/nlvr.yaml", "real": "configs/nlvr.yaml"},
@@ -154,22 +155,17 @@ def random_opt(size, opt_precision, device):
                        do_layer_norm_before=True, pad_token_id=tokenizer.pad_token_id,
                        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
     with torch.device(device):
-        model = OPTForCausalLM(config).to(blip2_opt.PRECISIONS[opt_precision])
+        model = OPTForCausalLM(config).to(DTYPES[opt_precision])
     return model, tokenizer
 
 
 def build_model(task, cfg, size, device):
-    """(model on `device`, tokenizer) of the config, with random weights."""
-    if task == "nlvr":
-        model, tokenizer = blip_nlvr.create_model(cfg.model)
-    elif task == "stage2":
-        opt, tokenizer = random_opt(size, cfg.model.opt_precision, device)
-        m = cfg.model
-        model = blip2_opt.Blip2OPT(opt, tokenizer, **m.encoder_kwargs(), qformer=m.qformer,
-                                   num_query_tokens=m.num_query_tokens, cross_attention_freq=m.cross_attention_freq,
-                                   prompt=m.prompt, max_txt_len=m.max_txt_len)
+    """(model on `device`, tokenizer) of the config, with random weights: the trainers' create_model (stage 2
+    with a random OPT of the size's shape in place of a downloaded one)."""
+    if task == "stage2":
+        model, tokenizer = blip2_opt.create_model(cfg.model, random_opt(size, cfg.model.opt_precision, device))
     else:
-        model, tokenizer = blip2_qformer.create_model(cfg.model, load_bert=False)
+        model, tokenizer = MODELS[cfg.model.arch].create_model(cfg.model)
     return model.to(device), tokenizer
 
 
@@ -279,20 +275,20 @@ def measure_train(task, cfg, model, tokenizer, device, args):
     if getattr(cfg.data, "vit_feature_cache", None):
         batch = (cached_tokens(model, cfg, batch_size, device), *batch[1:])
     loss_fn = loss_function(task, cfg, tokenizer, device)
-    optimizer = build_optimizer(model, cfg.train)
-    scheduler = build_scheduler(optimizer, cfg.train, steps_per_epoch=10 ** 6)
-    scaler = grad_scaler(device, cfg.train.amp)
-    train_model = wrap_ddp(model, device, cfg.train)
+    state = train_state(bench_run(cfg, device), model)
+    state.steps_per_epoch = state.total_steps = 10 ** 9
 
-    def steps(n):
-        with contextlib.redirect_stdout(io.StringIO()):  # the loop's progress lines
-            train_one_epoch(train_model, [batch] * n, loss_fn, optimizer, scheduler, scaler, 0, cfg.train, device)
+    def steps(n):  # n steps of utils.train_steps, as one epoch of n batches
+        state.epoch_batches, state.batches_per_epoch = 0, n
+        with contextlib.redirect_stdout(io.StringIO()), StopSignals() as signals:  # the loop's progress lines
+            for _ in train_steps(state, [batch] * n, loss_fn, signals):
+                pass
 
     def forward_backward():
-        with autocast(device, cfg.train.amp):
+        with state.run.autocast():
             loss = loss_fn(model, batch)["loss"]
         loss.backward()
-        optimizer.zero_grad(set_to_none=True)
+        state.optimizer.zero_grad(set_to_none=True)
 
     rates, memory = repeated_rates(steps, batch_size, device, args)
     return batch_size, rates, flops_of(forward_backward, model) / batch_size, memory
@@ -305,12 +301,13 @@ def measure_eval(task, cfg, model, tokenizer, device, args):
         return measure_retrieval(cfg, model, tokenizer, device, args, generator)
     batch_size = args.batch_size or cfg.eval.batch_size
     batch = train_batch(task, cfg, batch_size, generator)
+    run = bench_run(cfg, device)
     if task == "nlvr":
         def forward():
-            with torch.no_grad(), autocast(device, cfg.train.amp):
+            with torch.no_grad(), run.autocast():
                 logits_and_labels(model, batch, tokenizer, device)
     else:
-        caption = caption_function(model, tokenizer, generation_options(cfg.eval), device, cfg.train.amp)
+        caption = caption_function(model, tokenizer, generation_options(cfg.eval), run)
 
         def forward():
             with torch.no_grad():
@@ -331,28 +328,27 @@ def measure_retrieval(cfg, model, tokenizer, device, args, generator):
     num_images = args.num_images or RETRIEVAL_IMAGES[args.size]
     dataset = RandomRetrievalSet(num_images, cfg.model.image_size, generator)
     loader = eval_loader(dataset, args.batch_size or cfg.eval.batch_size, num_workers=0)
-    e = cfg.eval
+    evaluate = retrieval_evaluator(tokenizer, bench_run(cfg, device))
 
-    def run():
+    def evaluation():
         with attention_kernels(cfg.train.attention), contextlib.redirect_stdout(io.StringIO()):
-            evaluate_retrieval(model, loader, tokenizer, device, cfg.train.amp, e.k_test, e.score, e.text_batch_size,
-                               e.itm_batch_size, e.max_txt_len, header="bench")
+            evaluate(model, loader, header="bench")
 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    seconds = [timed(run, device) for _ in range(args.reps)]
+    seconds = [timed(evaluation, device) for _ in range(args.reps)]
     return loader.batch_size, [num_images / s for s in seconds], None, peak_memory_mb(device)
 
 
 def max_train_batch(task, cfg, model, tokenizer, device, start=8):
     """The largest per-process training batch whose step fits in GPU memory: doubling, then bisection."""
     loss_fn = loss_function(task, cfg, tokenizer, device)
-    optimizer = build_optimizer(model, cfg.train)
+    optimizer, autocast = build_optimizer(model, cfg.train), Autocast(device, cfg.train.amp)
 
     def fits(batch_size):
         batch = train_batch(task, cfg, batch_size, torch.Generator().manual_seed(0))
         try:
-            with attention_kernels(cfg.train.attention), autocast(device, cfg.train.amp):
+            with attention_kernels(cfg.train.attention), autocast():
                 loss = loss_fn(model, batch)["loss"]
             loss.backward()
             optimizer.step()
@@ -371,6 +367,12 @@ def max_train_batch(task, cfg, model, tokenizer, device, start=8):
         middle = (low + high) // 2
         low, high = (middle, high) if fits(middle) else (low, middle)
     return low
+
+
+def bench_run(cfg, device):
+    """The Run that the training and evaluation functions read their config, device and autocast from (a bench
+    has no command line and no output directory)."""
+    return Run(None, cfg, device, Autocast(device, cfg.train.amp))
 
 
 def gpu_peak_tflops(device, given):

@@ -38,8 +38,8 @@ from data.utils import read_annotation, read_json
 from models.blip2_opt import Blip2OPT, Blip2OPTConfig
 from models.blip2_qformer import Blip2QformerConfig, decode_captions
 from models.inference import load_model
-from utils import (InputError, MetricLogger, TrainConfig, all_gather_object, autocast, broadcast_from_main,
-                   is_main_process, log, parse_args, run_main, start_run, weights_to_evaluate, write_evaluation)
+from utils import (InputError, MetricLogger, TrainConfig, all_gather_object, broadcast_from_main, evaluation_weights,
+                   is_main_process, log, parse_args, run_main, start_run, write_evaluation)
 
 BLEU = ("Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4")
 SPICE_MODELS = ("stanford-corenlp-3.6.0.jar", "stanford-corenlp-3.6.0-models.jar")
@@ -81,12 +81,12 @@ def generation_options(e):
                 repetition_penalty=e.repetition_penalty, length_penalty=e.length_penalty)
 
 
-def caption_function(model, tokenizer, options, device, amp):
+def caption_function(model, tokenizer, options, run):
     """caption_fn(images) -> strings for generate_captions: a Blip2OPT's captions (its prompt not included), or
-    the ITG decoder's of a Blip2Qformer decoded by its `tokenizer`."""
+    the ITG decoder's of a Blip2Qformer decoded by its `tokenizer`; on the run's device, under its autocast."""
     def caption_fn(images):
-        images = images.to(device, non_blocking=True)
-        with autocast(device, amp):
+        images = images.to(run.device, non_blocking=True)
+        with run.autocast():
             if isinstance(model, Blip2OPT):
                 return model.caption(images, **options)
             return decode_captions(tokenizer, model.generate(images, **options))
@@ -277,30 +277,31 @@ def evaluate_split(caption_fn, loader, ground_truth, header, results_path):
     return {**metrics, "agg_metric": agg_metric(metrics)}
 
 
-def evaluate_splits(model, tokenizer, cfg, sets, device, output_dir):
+def evaluate_splits(model, tokenizer, sets, run):
     """{split: metrics} of `model` in eval mode for `sets` (caption_eval_sets), captions written to
     output_dir/<split>_captions.json; with a Blip2OPT and eval.text_only_baseline also "test_text_only", the frozen
     OPT's scores without images."""
     model.eval()
-    options = generation_options(cfg.eval)
-    caption_fn = caption_function(model, tokenizer, options, device, cfg.train.amp)
+    options = generation_options(run.cfg.eval)
+    caption_fn = caption_function(model, tokenizer, options, run)
     results = {split: evaluate_split(caption_fn, loader, truth, split,
-                                     os.path.join(output_dir, f"{split}_captions.json"))
+                                     os.path.join(run.output_dir, f"{split}_captions.json"))
                for split, (loader, truth) in sets.items()}
-    if "test" in sets and isinstance(model, Blip2OPT) and cfg.eval.text_only_baseline:
+    if "test" in sets and isinstance(model, Blip2OPT) and run.cfg.eval.text_only_baseline:
         results["test_text_only"] = text_only_baseline(model, sets["test"][1], options)
     return results
 
 
 def main(argv=None):
     args = parse_args(__doc__, argv, training=False)
-    cfg, device = start_run(args, CaptionConfig)
-    sets = caption_eval_sets(cfg, device)
-    if not sets:
-        raise InputError(f"{args.config}: nothing to evaluate; set data.val_file and/or data.test_file")
-    model, tokenizer = load_model(cfg.model, weights_to_evaluate(args, cfg.model.pretrained))
-    model.to(device)
-    write_evaluation(args.output_dir, evaluate_splits(model, tokenizer, cfg, sets, device, args.output_dir))
+    with start_run(args, CaptionConfig) as run:
+        sets = caption_eval_sets(run.cfg, run.device)
+        if not sets:
+            raise InputError(f"{args.config}: nothing to evaluate; set data.val_file and/or data.test_file")
+        model, tokenizer = load_model(run.cfg.model, evaluation_weights(run))
+        model.to(run.device)
+        write_evaluation(run, evaluate_splits(model, tokenizer, sets, run))
+
 
 if __name__ == "__main__":
     run_main(main)

@@ -20,8 +20,8 @@ from data.caption import CaptionDataConfig, eval_sets
 from data.loader import eval_loader
 from models.blip2_qformer import Blip2QformerConfig, itc_similarity
 from models.inference import load_model
-from utils import (AMP_DTYPES, InputError, MetricLogger, TrainConfig, all_gather_no_grad, all_reduce_sum, autocast,
-                   get_rank, get_world_size, parse_args, run_main, start_run, unwrap, weights_to_evaluate,
+from utils import (Autocast, InputError, MetricLogger, TrainConfig, all_gather_no_grad, all_reduce_sum,
+                   evaluation_weights, get_rank, get_world_size, parse_args, run_main, start_run, unwrap,
                    write_evaluation)
 
 
@@ -50,25 +50,25 @@ def retrieval_loaders(cfg, device):
             for split, dataset in eval_sets(cfg.data, cfg.model.image_size).items()}
 
 
-def retrieval_evaluator(cfg, tokenizer, device):
-    """evaluate(model, loader, header) -> metrics with the options of a stage-1 config's `eval` section."""
-    e = cfg.eval
-    return partial(evaluate_retrieval, tokenizer=tokenizer, device=device, amp=cfg.train.amp, k_test=e.k_test,
-                   score=e.score, text_batch_size=e.text_batch_size, itm_batch_size=e.itm_batch_size,
+def retrieval_evaluator(tokenizer, run):
+    """evaluate(model, loader, header) -> metrics with the options of a stage-1 config's `eval` section, on the
+    run's device and under its autocast."""
+    e = run.cfg.eval
+    return partial(evaluate_retrieval, tokenizer=tokenizer, device=run.device, autocast=run.autocast,
+                   k_test=e.k_test, score=e.score, text_batch_size=e.text_batch_size, itm_batch_size=e.itm_batch_size,
                    max_length=e.max_txt_len)
 
 
 def main(argv=None):
     args = parse_args(__doc__, argv, training=False)
-    cfg, device = start_run(args, RetrievalConfig)
-    loaders = retrieval_loaders(cfg, device)
-    if not loaders:
-        raise InputError(f"{args.config}: nothing to evaluate; set data.val_file and/or data.test_file")
-    model, tokenizer = load_model(cfg.model, weights_to_evaluate(args, cfg.model.pretrained))
-    model.to(device)
-    evaluate = retrieval_evaluator(cfg, tokenizer, device)
-    write_evaluation(args.output_dir, {split: evaluate(model, loader, header=split)
-                                       for split, loader in loaders.items()})
+    with start_run(args, RetrievalConfig) as run:
+        loaders = retrieval_loaders(run.cfg, run.device)
+        if not loaders:
+            raise InputError(f"{args.config}: nothing to evaluate; set data.val_file and/or data.test_file")
+        model, tokenizer = load_model(run.cfg.model, evaluation_weights(run))
+        model.to(run.device)
+        evaluate = retrieval_evaluator(tokenizer, run)
+        write_evaluation(run, {split: evaluate(model, loader, header=split) for split, loader in loaders.items()})
 
 
 def candidate_metrics(texts_of_image, scores_i2t, images_of_text, scores_t2i, txt2img):
@@ -113,28 +113,30 @@ def encode_texts(model, texts, tokenizer, device, batch_size, max_length):
 
 
 @torch.no_grad()
-def evaluate_retrieval(model, loader, tokenizer, device, amp="off", k_test=256, score="itm+itc", text_batch_size=256,
-                       itm_batch_size=128, max_length=35, header="Retrieval"):
+def evaluate_retrieval(model, loader, tokenizer, device, autocast=None, k_test=256, score="itm+itc",
+                       text_batch_size=256, itm_batch_size=128, max_length=35, header="Retrieval"):
     """Retrieval metrics of `model` on `loader.dataset` (a data.caption.RetrievalDataset whose loader shards the
-    images over ranks). Each rank keeps the ln_vision image tokens of its own images only (in the autocast dtype),
+    images over ranks), under `autocast` (a utils.Autocast; None: fp32). Each rank keeps the ln_vision image tokens
+    of its own images only (in the autocast dtype),
     and re-ranks the pairs whose image it holds; the scores are kept for the top-k_test candidates of each image and
     each text only, so memory grows with (I + T) x k_test, not I x T. Returns candidate_metrics(...)."""
     if score not in ("itm+itc", "itm", "itc"):
         raise ValueError(f"score must be itm+itc, itm or itc; got {score!r}")
     model = unwrap(model)
     model.eval()
+    autocast = autocast or Autocast(device, "fp32")
     dataset = loader.dataset
     if len(dataset) < get_world_size():
         raise InputError(f"{len(dataset)} evaluation images for {get_world_size()} processes: every process needs "
                          "at least one; use fewer processes")
-    with autocast(device, amp):
+    with autocast():
         text_feats, text_ids, text_mask = encode_texts(model, dataset.text, tokenizer, device, text_batch_size,
                                                        max_length)
         local_index, local_embeds, local_feats = [], [], []
         for images, index in MetricLogger().log_every(loader, 50, f"{header} images"):
             embeds = model.image_embeddings(images.to(device, non_blocking=True))
             local_feats.append(model.image_features(embeds).float())
-            local_embeds.append(embeds.to(AMP_DTYPES[amp] or embeds.dtype))
+            local_embeds.append(embeds.to(autocast.dtype))
             local_index.append(index.to(device))
     local_index, local_embeds = torch.cat(local_index), torch.cat(local_embeds)
     image_feats = _unshard(torch.cat(local_feats), len(dataset))
@@ -150,7 +152,7 @@ def evaluate_retrieval(model, loader, tokenizer, device, amp="off", k_test=256, 
                       (images_of_text * num_texts + torch.arange(num_texts, device=device)[:, None]).flatten()])
     pairs, where = keys.unique(return_inverse=True)
     itm = _itm_for_pairs(model, pairs // num_texts, pairs % num_texts, len(dataset), local_index, local_embeds,
-                         text_ids, text_mask, itm_batch_size, device, amp, header)[where]
+                         text_ids, text_mask, itm_batch_size, autocast, header)[where]
     itm_i2t, itm_t2i = itm[:texts_of_image.numel()].view_as(itc_i2t), itm[texts_of_image.numel():].view_as(itc_t2i)
     if score == "itm+itc":
         itm_i2t, itm_t2i = itm_i2t + itc_i2t, itm_t2i + itc_t2i
@@ -178,10 +180,11 @@ def itc_candidates(image_feats, text_feats, k, chunk=256):
 
 
 def _itm_for_pairs(model, images, texts, num_images, local_index, local_embeds, text_ids, text_mask, batch_size,
-                   device, amp, header):
+                   autocast, header):
     """ITM scores [P] of the pairs (images[p], texts[p]), summed over ranks: each rank scores the pairs of the images
     it holds (0 elsewhere). Pairs go in order of text length and each batch is cut to its longest text, so that
     padding costs nothing."""
+    device = local_embeds.device
     position = torch.full((num_images,), -1, device=device)  # of each image in this rank's local_embeds
     position[local_index] = torch.arange(len(local_index), device=device)
     mine = (position[images] >= 0).nonzero().squeeze(1)
@@ -190,7 +193,7 @@ def _itm_for_pairs(model, images, texts, num_images, local_index, local_embeds, 
     scores = torch.zeros(len(images), device=device)
     for chunk in MetricLogger().log_every(mine.split(batch_size), 50, f"{header} ITM re-ranking"):
         text, longest = texts[chunk], int(lengths[texts[chunk]].max())
-        with autocast(device, amp):
+        with autocast():
             itm = model.itm_scores(local_embeds[position[images[chunk]]], text_ids[text, :longest],
                                    text_mask[text, :longest])
         scores[chunk] = itm.float()

@@ -23,7 +23,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, 
 from transformers import OPTConfig, OPTForCausalLM, PreTrainedTokenizerFast
 
 from data.utils import pre_caption, read_annotation
-from utils import InputError, TrainConfig, build_optimizer, build_scheduler, log, run_main, seed_everything
+from utils import InputError, TrainConfig, build_optimizer, log, lr_at_step, run_main, seed_everything
 
 SPECIAL_TOKENS = ("<s>", "<pad>", "</s>", "<unk>")  # ids 0, 1, 2, 3, as in OPT's vocabulary
 END_OF_CAPTION = "\n"
@@ -104,12 +104,14 @@ def train(model, tokenizer, texts, cfg, steps, print_freq, device):
     """AdamW with linear warmup and cosine decay for `steps` steps of `cfg.batch_size` packed rows of
     max_position_embeddings tokens; returns (first step's loss, mean loss of the last `print_freq` steps)."""
     optimizer = build_optimizer(model, cfg)
-    scheduler = build_scheduler(optimizer, cfg, steps_per_epoch=steps)
     token_lists = tokenizer(texts).input_ids
     model.train()
     window, first_loss = deque(maxlen=print_freq), None
     batches = packed_batches(token_lists, cfg.batch_size, model.config.max_position_embeddings, steps, cfg.seed)
     for step, input_ids in enumerate(batches):
+        lr = lr_at_step(step, steps, cfg)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
         input_ids = input_ids.to(device)
         loss = model(input_ids=input_ids, labels=input_ids).loss
         if not torch.isfinite(loss):
@@ -118,12 +120,11 @@ def train(model, tokenizer, texts, cfg, steps, print_freq, device):
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        scheduler.step()
         first_loss = loss.item() if first_loss is None else first_loss
         window.append(loss.item())
         if (step + 1) % print_freq == 0 or step + 1 == steps:
             log(f"step {step + 1}/{steps}  loss {sum(window) / len(window):.4f}  "
-                f"lr {scheduler.get_last_lr()[0]:.2e}")
+                f"lr {lr:.2e}")
     return first_loss, sum(window) / len(window)
 
 

@@ -14,8 +14,8 @@ from data.loader import LoaderConfig, eval_loader, train_loader
 from data.nlvr import NLVRDataset
 from data.transforms import eval_transform, train_transform
 from models.blip_nlvr import BlipNLVRConfig, create_model, load_checkpoint
-from utils import (MetricLogger, TrainConfig, all_reduce_sum, autocast, end_epoch, log, parse_args, run_main,
-                   start_run, start_training, train_epoch, unwrap, weights_to_evaluate, wrap_ddp, write_evaluation)
+from utils import (MetricLogger, TrainConfig, all_reduce_sum, evaluation_weights, fit, log, parse_args, run_main,
+                   start_run, start_training, unwrap, write_evaluation)
 
 
 @dataclass
@@ -67,55 +67,44 @@ def nlvr_loss(model, batch, tokenizer, device):
 
 
 @torch.no_grad()
-def evaluate(model, loader, tokenizer, device, amp, header):
+def evaluate(model, loader, tokenizer, run, header):
     """{"acc", "n"} over the whole split: each rank scores its shard, the counts are summed."""
     model.eval()
-    counts = torch.zeros(2, dtype=torch.float64, device=device)
+    counts = torch.zeros(2, dtype=torch.float64, device=run.device)
     for batch in MetricLogger().log_every(loader, 50, header):
-        with autocast(device, amp):
-            logits, labels = logits_and_labels(model, batch, tokenizer, device)
-        counts += torch.stack([(logits.argmax(1) == labels).sum(), torch.tensor(len(labels), device=device)])
+        with run.autocast():
+            logits, labels = logits_and_labels(model, batch, tokenizer, run.device)
+        counts += torch.stack([(logits.argmax(1) == labels).sum(), torch.tensor(len(labels), device=run.device)])
     correct, total = all_reduce_sum(counts).tolist()
     return {"acc": correct / total, "n": int(total)}
 
 
 def main(argv=None):
     args = parse_args(__doc__, argv)
-    cfg, device = start_run(args, NLVRConfig)
+    with start_run(args, NLVRConfig) as run:
+        cfg, device = run.cfg, run.device
+        model, tokenizer = create_model(cfg.model)
+        log(f"BlipNLVR: {sum(p.numel() for p in model.parameters()) / 1e6:.1f} M parameters")
+        datasets = build_datasets(cfg, ("val", "test") if args.evaluate else ("train", "val", "test"))
+        loaders = {split: eval_loader(datasets[split], cfg.eval.batch_size, **cfg.data.loader_kwargs(device))
+                   for split in ("val", "test")}
 
-    model, tokenizer = create_model(cfg.model)
-    model.to(device)
-    log(f"BlipNLVR: {sum(p.numel() for p in model.parameters()) / 1e6:.1f} M parameters")
-    datasets = build_datasets(cfg, ("val", "test") if args.evaluate else ("train", "val", "test"))
-    loaders = {split: eval_loader(datasets[split], cfg.eval.batch_size, **cfg.data.loader_kwargs(device))
-               for split in ("val", "test")}
-    evaluate_split = partial(evaluate, tokenizer=tokenizer, device=device, amp=cfg.train.amp)
+        def evaluate_split(split, header=None):
+            return evaluate(model, loaders[split], tokenizer, run, header or split)
 
-    if args.evaluate:
-        load_checkpoint(model, weights_to_evaluate(args, cfg.model.pretrained))
-        write_evaluation(args.output_dir, {split: evaluate_split(model, loader, header=split)
-                                           for split, loader in loaders.items()})
-        return
+        if args.evaluate:
+            load_checkpoint(model.to(device), evaluation_weights(run))
+            write_evaluation(run, {split: evaluate_split(split) for split in loaders})
+            return
 
-    loader = train_loader(datasets["train"], cfg.train.batch_size, cfg.train.seed, **cfg.data.loader_kwargs(device))
-    accum, optimizer, scheduler, scaler, start_epoch, best_acc = start_training(args, model, loader, cfg.train, device)
-    if cfg.model.pretrained and not args.resume:
-        load_checkpoint(model, cfg.model.pretrained)
-    ddp_model = wrap_ddp(model, device, cfg.train)
-    loss_fn = partial(nlvr_loss, tokenizer=tokenizer, device=device)
+        # The original evaluates val and test after every epoch and keeps the best epoch by val accuracy.
+        def validate(at):
+            return {"val_acc": evaluate_split("val", f"Val {at}")["acc"],
+                    "test_acc": evaluate_split("test", f"Test {at}")["acc"]}
 
-    for epoch in range(start_epoch, cfg.train.epochs):
-        train_stats = train_epoch(ddp_model, loader, loss_fn, optimizer, scheduler, scaler, epoch, cfg.train, device,
-                                  accum, args.output_dir)
-        val_acc = evaluate_split(model, loaders["val"], header=f"Val epoch {epoch}")["acc"]
-        test_acc = evaluate_split(model, loaders["test"], header=f"Test epoch {epoch}")["acc"]
-        stats = {"epoch": epoch, **{f"train_{k}": v for k, v in train_stats.items()}, "val_acc": val_acc,
-                 "test_acc": test_acc}
-        improved = val_acc > best_acc
-        best_acc = max(best_acc, val_acc)
-        end_epoch(args.output_dir, stats, improved, {"val_acc": val_acc}, model, optimizer, scheduler, scaler, epoch,
-                  best_acc, cfg)
-    log(f"best val_acc {best_acc:.4f}")
+        state = start_training(run, model, load_checkpoint)
+        loader = train_loader(datasets["train"], cfg.train.batch_size, cfg.train.seed, **cfg.data.loader_kwargs(device))
+        fit(state, loader, partial(nlvr_loss, tokenizer=tokenizer, device=device), validate, "val_acc")
 
 
 if __name__ == "__main__":

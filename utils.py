@@ -1,28 +1,42 @@
-"""Pieces every entry script shares: distributed setup, config, logging, LR schedule, checkpoints, the train loop.
+"""What every entry script shares, in the order a run uses it.
 
-Small functions, no framework: each script calls them from its own visible `main`.
+    args = parse_args(__doc__, argv)
+    with start_run(args, Schema) as run:                # config, process group, seeds, locked output directory
+        model, tokenizer = create_model(run.cfg.model)  # the architecture and its external frozen parts
+        state = start_training(run, model, load_checkpoint, init)   # weights by one rule, optimizer, resume
+        fit(state, train_loader(...), loss_fn, validate, "val_acc") # epochs or steps, evaluation, checkpoints
+    # evaluation scripts: load_checkpoint(model, evaluation_weights(run)); write_evaluation(run, results)
+
+Small functions over two objects, `Run` (one invocation) and `TrainState` (what a training run carries from step
+to step), and no framework: each script calls them from its own visible `main`.
 """
 
 import argparse
 import dataclasses
 import datetime
 import difflib
+import glob
 import json
 import math
 import os
+import pickle
 import random
 import resource
+import shutil
+import signal
+import socket
 import sys
 import time
 import types
 import typing
 from collections import defaultdict, deque
-from contextlib import nullcontext
-from dataclasses import dataclass
+from contextlib import nullcontext, suppress
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 import torch.distributed as dist
+import torch.distributed.nn.functional as dist_nn
 from ruamel.yaml import YAML
 from ruamel.yaml.error import YAMLError
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -30,21 +44,39 @@ from torch.nn.parallel import DistributedDataParallel
 
 
 class InputError(Exception):
-    """Bad input from the user (config, data, checkpoint); scripts print it without a traceback."""
+    """Bad input from the user (config, data, checkpoint, command line): one line, exit status 2."""
+
+
+class RunError(Exception):
+    """The run cannot go on for a reason outside the input (a full disk): one line, exit status 1."""
+
+
+class Preempted(Exception):
+    """SIGTERM or SIGUSR1 arrived; the step it arrived in was finished and checkpointed: exit status 75."""
+
+
+EXIT_PREEMPTED = 75  # EX_TEMPFAIL (sysexits.h): "try again later", what a requeue script tests for
 
 
 # --------------------------------------------------------------------------------------------------- distributed
 
-def init_distributed(device_name=None):
+def init_distributed(device_name=None, local_rank=None, timeout_s=1800):
     """Join the process group that the launcher describes and return this process's device.
 
-    Launchers: `torch.distributed.run` (RANK, WORLD_SIZE, LOCAL_RANK), SLURM `srun` (SLURM_PROCID, SLURM_NTASKS,
+    Launchers: `torch.distributed.run` (RANK, WORLD_SIZE, LOCAL_RANK), `torch.distributed.launch` (the same, plus
+    `--local-rank` on the command line, passed here as `local_rank`), SLURM `srun` (SLURM_PROCID, SLURM_NTASKS,
     SLURM_LOCALID, with MASTER_ADDR/MASTER_PORT exported), or none (plain `python script.py`). A world of one
-    process creates no process group: every collective below is guarded for that case.
+    process creates no process group: every collective below is guarded for that case. Collectives wait at most
+    `timeout_s` for a rank that hangs.
     """
     env = os.environ
     if "RANK" in env and "WORLD_SIZE" in env:
-        rank, world_size, local_rank = int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0))
+        rank, world_size = int(env["RANK"]), int(env["WORLD_SIZE"])
+        env_local = int(env["LOCAL_RANK"]) if "LOCAL_RANK" in env else None
+        if local_rank is not None and env_local is not None and local_rank != env_local:
+            raise InputError(f"--local-rank {local_rank} disagrees with LOCAL_RANK={env_local} in the environment; "
+                             "pass one of them, or the same value")
+        local_rank = next(r for r in (env_local, local_rank, 0) if r is not None)
     elif "SLURM_PROCID" in env and int(env.get("SLURM_NTASKS", 1)) > 1:
         rank, world_size, local_rank = int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), int(env["SLURM_LOCALID"])
         missing = [name for name in ("MASTER_ADDR", "MASTER_PORT") if name not in env]
@@ -63,8 +95,8 @@ def init_distributed(device_name=None):
     else:
         device = torch.device(device_name)
     if world_size > 1:
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", init_method="env://",
-                                rank=rank, world_size=world_size)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", init_method="env://", rank=rank,
+                                world_size=world_size, timeout=datetime.timedelta(seconds=timeout_s))
     return device
 
 
@@ -112,24 +144,10 @@ def all_gather_no_grad(tensor):
     return torch.cat(gathered)
 
 
-class _AllGatherWithGrad(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, tensor):
-        gathered = [torch.empty_like(tensor) for _ in range(get_world_size())]
-        dist.all_gather(gathered, tensor.contiguous())
-        return torch.cat(gathered)
-
-    @staticmethod
-    def backward(ctx, grad):
-        # Every rank's loss may use this rank's slice: sum their gradients, keep this rank's slice.
-        grad = grad.contiguous()
-        dist.all_reduce(grad)
-        return grad.chunk(get_world_size())[get_rank()]
-
-
 def all_gather_with_grad(tensor):
-    """cat of `tensor` [B, ...] over ranks along dim 0 -> [W * B, ...]; gradients flow back to each rank's slice."""
-    return _AllGatherWithGrad.apply(tensor) if dist.is_initialized() else tensor
+    """cat of `tensor` [B, ...] over ranks along dim 0 -> [W * B, ...]; each rank's slice gets the gradients that
+    every rank's loss sends it (summed)."""
+    return torch.cat(dist_nn.all_gather(tensor)) if dist.is_initialized() else tensor
 
 
 def broadcast_from_main(compute):
@@ -138,6 +156,20 @@ def broadcast_from_main(compute):
     if dist.is_initialized():
         dist.broadcast_object_list(result, src=0)
     return result[0]
+
+
+def raise_on_every_rank(compute):
+    """Run `compute()` on rank 0; an InputError it raises is raised on every rank (none waits for rank 0 at the next
+    collective), its result is returned on rank 0."""
+    def guarded():
+        try:
+            return None, compute()
+        except InputError as e:
+            return str(e), None
+    problem, result = broadcast_from_main(guarded)
+    if problem:
+        raise InputError(problem)
+    return result
 
 
 def wrap_ddp(model, device, cfg):
@@ -171,12 +203,43 @@ def cleanup_distributed():
         dist.destroy_process_group()
 
 
+# ----------------------------------------------------------------------------------------------------- precision
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+Precision = typing.Literal["fp32", "bf16", "fp16"]
+
+
+class Autocast:
+    """`train.amp` on a device, made once per run: `with autocast():` runs its block under torch.autocast (bf16,
+    fp16) or as it is (fp32); `autocast.dtype` is the dtype activations are computed in."""
+
+    def __init__(self, device, amp):
+        self.device_type, self.amp, self.dtype = device.type, amp, DTYPES[amp]
+
+    def __call__(self):
+        return torch.autocast(self.device_type, dtype=self.dtype) if self.amp != "fp32" else nullcontext()
+
+
+SDPA_BACKENDS = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
+                 "cudnn": SDPBackend.CUDNN_ATTENTION}
+
+
+def attention_kernels(choice):
+    """`train.attention`: "auto" lets PyTorch pick (flash, then memory-efficient, then math, as each call allows);
+    a named fused kernel is the only one allowed, with math for the calls it cannot take (e.g. flash and a padding
+    mask); "math" is the unfused reference."""
+    if choice == "auto":
+        return nullcontext()
+    return sdpa_kernel([SDPBackend.MATH] + ([SDPA_BACKENDS[choice]] if choice in SDPA_BACKENDS else []))
+
+
 # -------------------------------------------------------------------------------------------------------- config
 
 @dataclass
 class TrainConfig:
     """Optimisation settings shared by every trainer (`train:` in the YAML)."""
     epochs: int = 10
+    max_steps: typing.Optional[int] = None    # plan the run in optimiser steps instead (train.epochs is then unused)
     batch_size: int = 16                      # per process
     global_batch_size: typing.Optional[int] = None  # reached by gradient accumulation; null: batch_size x processes
     lr: float = 1e-4
@@ -187,9 +250,12 @@ class TrainConfig:
     weight_decay: float = 0.05
     no_decay_bias_norm: bool = False          # exclude biases and norm weights from weight decay
     grad_clip: typing.Optional[float] = None  # max global grad norm
-    amp: typing.Literal["bf16", "fp16", "off"] = "off"
+    amp: Precision = "fp32"                   # autocast dtype; weights, optimizer state and losses stay fp32
     seed: int = 42
     print_freq: int = 50
+    save_every_steps: typing.Optional[int] = None  # checkpoint_last.pth also every N steps (besides epoch ends)
+    eval_every_steps: typing.Optional[int] = None  # validation also every N steps (besides epoch ends)
+    dist_timeout_s: int = 1800                # how long collectives wait for a rank that hangs
     # The fast path (BENCHMARKS.md measures each switch).
     fused_adamw: bool = False                 # AdamW's fused kernel (CUDA and CPU); off: the for-each/loop one
     attention: typing.Literal["auto", "flash", "efficient", "cudnn", "math"] = "auto"  # SDPA kernels in training
@@ -228,40 +294,6 @@ def config_section(path, key, hint):
     return _check_type(raw[key], hint, path, key)
 
 
-def start_run(args, schema):
-    """The start of every entry script: the config (`--config` with `--options` and `--seed` applied), the process
-    group and device, seeded RNGs (seed + rank), and the output directory with the resolved config.yaml.
-    Returns (cfg, device)."""
-    cfg = load_config(args.config, schema, args.options)
-    if args.seed is not None:
-        cfg.train.seed = args.seed
-    device = init_distributed(args.device)
-    seed_everything(cfg.train.seed + get_rank())
-    os.makedirs(args.output_dir, exist_ok=True)
-    if is_main_process():
-        save_config(cfg, os.path.join(args.output_dir, "config.yaml"))
-    return cfg, device
-
-
-def parse_args(description, argv=None, training=True):
-    """The command line every entry script shares (`training=False`: the evaluation scripts')."""
-    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", required=True)
-    parser.add_argument("--output_dir", required=True)
-    if training:
-        parser.add_argument("--evaluate", action="store_true", help="evaluate val and test only")
-        parser.add_argument("--checkpoint", help="with --evaluate: the weights to evaluate (default: "
-                                                 "output_dir/checkpoint_best.pth, else model.pretrained)")
-        parser.add_argument("--resume", action="store_true", help="continue from output_dir/checkpoint_last.pth")
-    else:
-        parser.add_argument("--checkpoint", help="the weights to evaluate (default: model.pretrained)")
-    parser.add_argument("--device", choices=["cuda", "cpu"], help="default: cuda when available")
-    parser.add_argument("--seed", type=int, help="overrides train.seed")
-    parser.add_argument("--options", nargs="+", default=[], metavar="KEY=VALUE",
-                        help="config overrides, e.g. train.lr=1e-5 data.num_workers=8")
-    return parser.parse_args(argv)
-
-
 def _to_dataclass(schema, raw, source, prefix):
     if not isinstance(raw, dict):
         raise InputError(f"{source}: {prefix.rstrip('.') or 'the file'} must be a mapping of keys to values")
@@ -271,10 +303,10 @@ def _to_dataclass(schema, raw, source, prefix):
         if key not in fields:
             raise InputError(f"{source}: unknown key '{prefix}{key}'{_suggest(key, fields, prefix)}")
     values = {}
-    for name, field in fields.items():
+    for name, field_ in fields.items():
         if name in raw:
             values[name] = _check_type(raw[name], hints[name], source, prefix + name)
-        elif field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING:
+        elif field_.default is dataclasses.MISSING and field_.default_factory is dataclasses.MISSING:
             if dataclasses.is_dataclass(hints[name]):
                 values[name] = _to_dataclass(hints[name], {}, source, f"{prefix}{name}.")
             else:
@@ -350,7 +382,12 @@ def save_config(cfg, path):
     yaml = YAML(typ="safe")
     yaml.default_flow_style = False
     with open(path, "w") as f:
-        yaml.dump(_plain(dataclasses.asdict(cfg)), f)
+        yaml.dump(config_dict(cfg), f)
+
+
+def config_dict(cfg):
+    """A config dataclass as plain dicts, lists and scalars (what checkpoints and config.yaml hold)."""
+    return _plain(dataclasses.asdict(cfg))
 
 
 def _plain(obj):
@@ -359,6 +396,151 @@ def _plain(obj):
     if isinstance(obj, (list, tuple)):
         return [_plain(v) for v in obj]
     return obj
+
+
+def _flat(obj, prefix=""):
+    """{"train": {"lr": 1e-4}} -> {"train.lr": 1e-4} (lists stay values)."""
+    if not isinstance(obj, dict):
+        return {prefix[:-1]: obj}
+    return {key: value for name, item in obj.items() for key, value in _flat(item, f"{prefix}{name}.").items()}
+
+
+# ----------------------------------------------------------------------------------------------------------- run
+
+def parse_args(description, argv=None, training=True):
+    """The command line every entry script shares (`training=False`: the evaluation scripts')."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True)
+    parser.add_argument("--output_dir", required=True)
+    if training:
+        parser.add_argument("--evaluate", action="store_true", help="evaluate val and test only")
+        parser.add_argument("--checkpoint", help="with --evaluate: the weights to evaluate (default: "
+                                                 "output_dir/checkpoint_best.pth, else model.pretrained)")
+        parser.add_argument("--resume", nargs="?", const="yes", choices=["yes", "auto"],
+                            help="continue from output_dir/checkpoint_last.pth; `--resume auto` starts afresh when "
+                                 "there is none (one command line for the first start and every requeue)")
+        parser.add_argument("--allow_changes", nargs="+", default=[], metavar="KEY",
+                            help="with --resume: config keys that may differ from the checkpoint's, e.g. train.lr")
+    else:
+        parser.add_argument("--checkpoint", help="the weights to evaluate (default: model.pretrained)")
+    parser.add_argument("--device", choices=["cuda", "cpu"], help="default: cuda when available")
+    parser.add_argument("--seed", type=int, help="overrides train.seed")
+    parser.add_argument("--options", nargs="+", default=[], metavar="KEY=VALUE",
+                        help="config overrides, e.g. train.lr=1e-5 data.num_workers=8")
+    parser.add_argument("--local-rank", "--local_rank", type=int, dest="local_rank",
+                        help=argparse.SUPPRESS)  # set by torch.distributed.launch
+    args = parser.parse_args(argv)
+    args.trainer = training
+    if not training:
+        args.evaluate, args.resume, args.allow_changes = True, None, []
+    if args.allow_changes and not args.resume:
+        raise InputError("--allow_changes only applies to --resume")
+    return args
+
+
+@dataclass
+class Run:
+    """One invocation of an entry script: its arguments, config, device and autocast, and the output directory,
+    which it holds locked (see `OutputLock`) until the `with` block ends."""
+    args: argparse.Namespace
+    cfg: typing.Any
+    device: torch.device
+    autocast: Autocast
+    lock: typing.Optional["OutputLock"] = None
+
+    @property
+    def output_dir(self):
+        return self.args.output_dir
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        if self.lock:
+            self.lock.release()
+
+
+def start_run(args, schema):
+    """The start of every entry script: the config (`--config` with `--options` and `--seed` applied), the process
+    group and device, the output directory (locked by rank 0), seeded RNGs (seed + rank). Evaluation runs write
+    the resolved config to output_dir/evaluate_config.yaml; training runs write config.yaml in start_training,
+    once a resumed run's config has been checked against its checkpoint's."""
+    cfg = load_config(args.config, schema, args.options)
+    if args.seed is not None:
+        cfg.train.seed = args.seed
+    device = init_distributed(args.device, args.local_rank, cfg.train.dist_timeout_s)
+    if os.path.exists(args.output_dir) and not os.path.isdir(args.output_dir):
+        raise InputError(f"--output_dir {args.output_dir} is a file, not a directory; name a directory")
+    os.makedirs(args.output_dir, exist_ok=True)
+    lock = OutputLock(args.output_dir)
+    raise_on_every_rank(lock.acquire)
+    run = Run(args, cfg, device, Autocast(device, cfg.train.amp), lock if is_main_process() else None)
+    seed_everything(cfg.train.seed + get_rank())
+    if args.evaluate and is_main_process():
+        save_config(cfg, os.path.join(args.output_dir, "evaluate_config.yaml"))
+    return run
+
+
+class OutputLock:
+    """output_dir/run.lock, held by rank 0 of the run that writes there: {"host", "pid", "started", "job",
+    "command"}. A second run on the directory is refused naming the holder; a lock left by a process that is gone
+    (same host, pid not running) or by an earlier attempt of the same SLURM job (a requeue) is taken over."""
+
+    def __init__(self, output_dir):
+        self.path = os.path.join(output_dir, "run.lock")
+        self.me = {"host": socket.gethostname(), "pid": os.getpid(),
+                   "started": datetime.datetime.now().isoformat(timespec="seconds"),
+                   "job": os.environ.get("SLURM_JOB_ID"), "command": " ".join(sys.argv)}
+
+    def acquire(self):
+        for _ in range(3):  # another run may take over a stale lock at the same time: look again
+            try:
+                with open(self.path, "x") as f:
+                    json.dump(self.me, f)
+                return
+            except FileExistsError:
+                holder = self._holder()
+            if holder is not None and not self._stale(holder):
+                raise InputError(f"{os.path.dirname(self.path)} is in use by another run (host {holder.get('host')}, "
+                                 f"pid {holder.get('pid')}, started {holder.get('started')}: "
+                                 f"{holder.get('command', '')[:200]}). Wait for it to end or use another "
+                                 f"--output_dir; if that run is gone (its machine died), delete {self.path}")
+            log(f"warning: taking over {self.path}, left by {self._describe(holder)}")
+            with suppress(FileNotFoundError):
+                os.remove(self.path)
+        raise InputError(f"could not lock {self.path}: other runs keep taking it; start one run per --output_dir")
+
+    def release(self):
+        if self._holder() == self.me:
+            with suppress(FileNotFoundError):
+                os.remove(self.path)
+
+    def _holder(self):
+        try:
+            with open(self.path) as f:
+                holder = json.load(f)
+            return holder if isinstance(holder, dict) else None
+        except (FileNotFoundError, ValueError):
+            return None  # gone meanwhile, or half written by a process that died: stale
+
+    def _stale(self, holder):
+        if holder.get("job") and holder.get("job") == self.me["job"]:
+            return True  # an earlier attempt of this SLURM job: a requeued job may start on another node
+        if holder.get("host") != self.me["host"]:
+            return False
+        try:
+            os.kill(int(holder.get("pid", -1)), 0)
+        except ProcessLookupError:
+            return True
+        except (PermissionError, ValueError):
+            return False
+        return False
+
+    @staticmethod
+    def _describe(holder):
+        if holder is None:
+            return "an unreadable lock file"
+        return f"pid {holder.get('pid')} on {holder.get('host')} (started {holder.get('started')}), which is gone"
 
 
 # ------------------------------------------------------------------------------------------------------- logging
@@ -400,6 +582,7 @@ class MetricLogger:
 
     def __init__(self):
         self.meters = defaultdict(SmoothedValue)
+        self.paused = 0.0  # seconds of the current item that its consumer spent on other work (not timed)
 
     def add_meter(self, name, meter):
         self.meters[name] = meter
@@ -408,14 +591,16 @@ class MetricLogger:
         for name, value in values.items():
             self.meters[name].update(float(value))
 
-    def log_every(self, iterable, print_freq, header, samples_per_iter=None, total=None):
-        total = len(iterable) if total is None else total
+    def log_every(self, iterable, print_freq, header, samples_per_iter=None, total=None, start=0):
+        """Yield the items of `iterable`, printing progress; `start` items were done before (a resumed epoch)."""
+        total = len(iterable) + start if total is None else total
         iter_time, data_time = SmoothedValue(fmt="{avg:.3f}"), SmoothedValue(fmt="{avg:.3f}")
-        start = end = time.time()
-        for i, item in enumerate(iterable):
+        begin = end = time.time()
+        for i, item in enumerate(iterable, start):
             data_time.update(time.time() - end)
+            self.paused = 0.0
             yield item
-            iter_time.update(time.time() - end)
+            iter_time.update(time.time() - end - self.paused)
             end = time.time()
             if i % print_freq == 0 or i == total - 1:
                 eta = datetime.timedelta(seconds=int(iter_time.avg * (total - i - 1)))
@@ -425,13 +610,22 @@ class MetricLogger:
                     parts.append(f"samples/s: {samples_per_iter / max(iter_time.avg, 1e-9):.1f}")
                 parts += [f"time: {iter_time}", f"data: {data_time}", f"max mem: {max_memory_mb():.0f} MB"]
                 log("  ".join(parts))
-            if i == total - 1:
+            if i >= total - 1:
                 break
-        elapsed = datetime.timedelta(seconds=int(time.time() - start))
-        log(f"{header} total time: {elapsed} ({(time.time() - start) / max(total, 1):.3f} s / it)")
+        done = max(iter_time.count, 1)
+        log(f"{header} total time: {datetime.timedelta(seconds=int(time.time() - begin))} "
+            f"({(time.time() - begin) / done:.3f} s / it)")
 
     def global_averages(self):
         return {name: meter.global_avg for name, meter in self.meters.items()}
+
+    def totals(self):
+        """{name: [total, count]}: what a checkpoint keeps of an unfinished epoch's averages."""
+        return {name: [meter.total, meter.count] for name, meter in self.meters.items()}
+
+    def restore_totals(self, totals):
+        for name, (total, count) in totals.items():
+            self.meters[name].total, self.meters[name].count = total, count
 
 
 def max_memory_mb():
@@ -442,18 +636,22 @@ def max_memory_mb():
 
 
 def append_log(output_dir, stats):
-    """One JSON object per epoch in output_dir/log.txt."""
-    with open(os.path.join(output_dir, "log.txt"), "a") as f:
-        f.write(json.dumps(stats) + "\n")
+    """One JSON object per line in output_dir/log.txt (rank 0)."""
+    if is_main_process():
+        with open(os.path.join(output_dir, "log.txt"), "a") as f:
+            f.write(json.dumps(stats) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+    log(json.dumps(stats))
 
 
-def truncate_log(output_dir, last_epoch):
-    """Drop log.txt lines after `last_epoch` (they belong to a run that died before saving its checkpoint), and
-    lines without an epoch (the final test results, which the resumed run writes again)."""
+def truncate_log(output_dir, last_step):
+    """Drop log.txt lines after optimizer step `last_step` (written by a run that died before checkpointing that
+    step, which the resumed run writes again), and lines without a step (the final test results, likewise)."""
     path = os.path.join(output_dir, "log.txt")
     if os.path.exists(path):
         with open(path) as f:
-            lines = [line for line in f if line.strip() and json.loads(line).get("epoch", math.inf) <= last_epoch]
+            lines = [line for line in f if line.strip() and json.loads(line).get("step", math.inf) <= last_step]
         with open(path, "w") as f:
             f.writelines(lines)
 
@@ -471,12 +669,17 @@ def build_optimizer(model, cfg):
     return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=cfg.fused_adamw or None)
 
 
+def total_steps(cfg, steps_per_epoch):
+    """Optimiser steps of the whole run: train.max_steps, else train.epochs x steps per epoch."""
+    return cfg.max_steps if cfg.max_steps is not None else cfg.epochs * steps_per_epoch
+
+
 def lr_at_step(step, steps_per_epoch, cfg):
     """Learning rate for optimiser step `step` (0-based).
 
-    `cosine`: linear warmup from warmup_lr over warmup_steps, then cosine from lr to min_lr over the other steps.
-    `cosine_epoch` (BLIP, LAVIS): constant within an epoch, lr(e) = min + (lr - min) * (1 + cos(pi e / epochs)) / 2;
-    warmup (LAVIS) only within epoch 0.
+    `cosine`: linear warmup from warmup_lr over warmup_steps, then cosine from lr to min_lr over the other steps of
+    the run (`total_steps`). `cosine_epoch` (BLIP, LAVIS): constant within an epoch,
+    lr(e) = min + (lr - min) * (1 + cos(pi e / epochs)) / 2; warmup (LAVIS) only within epoch 0.
     """
     if cfg.lr_schedule == "cosine_epoch":
         epoch = step // steps_per_epoch
@@ -486,19 +689,21 @@ def lr_at_step(step, steps_per_epoch, cfg):
     else:
         if step < cfg.warmup_steps:
             return cfg.warmup_lr + (cfg.lr - cfg.warmup_lr) * step / cfg.warmup_steps
-        decay_steps = max(1, cfg.epochs * steps_per_epoch - cfg.warmup_steps)
+        decay_steps = max(1, total_steps(cfg, steps_per_epoch) - cfg.warmup_steps)
         progress = min(1.0, (step - cfg.warmup_steps) / decay_steps)
     return cfg.min_lr + (cfg.lr - cfg.min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def build_scheduler(optimizer, cfg, steps_per_epoch):
-    """A LambdaLR stepped once per optimiser step; its state is the step count."""
+def check_schedule(cfg, steps_per_epoch):
+    """InputError for a schedule that cannot run: no step per epoch, a non-positive LR, cosine_epoch by steps."""
     if cfg.lr <= 0:
         raise InputError(f"train.lr must be positive; got {cfg.lr}")
     if steps_per_epoch < 1:
         raise InputError("the train split is smaller than one optimiser step (train.batch_size x processes x "
                          "accumulation steps); lower train.batch_size or train.global_batch_size")
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_at_step(step, steps_per_epoch, cfg) / cfg.lr)
+    if cfg.max_steps is not None and cfg.lr_schedule == "cosine_epoch":
+        raise InputError("train.lr_schedule: cosine_epoch is planned in epochs; with train.max_steps use "
+                         "lr_schedule: cosine (or set train.max_steps: null)")
 
 
 def accumulation_steps(cfg):
@@ -512,65 +717,9 @@ def accumulation_steps(cfg):
     return cfg.global_batch_size // per_step
 
 
-AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}
-
-
-def autocast(device, amp):
-    dtype = AMP_DTYPES[amp]
-    return torch.autocast(device.type, dtype=dtype) if dtype else nullcontext()
-
-
-SDPA_BACKENDS = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
-                 "cudnn": SDPBackend.CUDNN_ATTENTION}
-
-
-def attention_kernels(choice):
-    """`train.attention`: "auto" lets PyTorch pick (flash, then memory-efficient, then math, as each call allows);
-    a named fused kernel is the only one allowed, with math for the calls it cannot take (e.g. flash and a padding
-    mask); "math" is the unfused reference."""
-    if choice == "auto":
-        return nullcontext()
-    return sdpa_kernel([SDPBackend.MATH] + ([SDPA_BACKENDS[choice]] if choice in SDPA_BACKENDS else []))
-
-
 def grad_scaler(device, amp):
     """fp16 needs loss scaling; bf16 and fp32 do not (the scaler is then a pass-through)."""
     return torch.amp.GradScaler(device.type, enabled=amp == "fp16")
-
-
-# ---------------------------------------------------------------------------------------------------- train loop
-
-def train_one_epoch(model, loader, loss_fn, optimizer, scheduler, scaler, epoch, cfg, device, accum_steps=1):
-    """One epoch. `loss_fn(model, batch)` returns a dict of scalar losses; its "loss" is minimised, all are logged
-    (averaged over ranks). A non-finite loss raises FloatingPointError before any optimiser step uses it."""
-    model.train()
-    logger = MetricLogger()
-    logger.add_meter("lr", SmoothedValue(window=1, fmt="{value:.3e}"))
-    num_iters = len(loader) // accum_steps * accum_steps  # a trailing partial accumulation group is dropped
-    samples_per_iter = cfg.batch_size * get_world_size()
-    optimizer.zero_grad(set_to_none=True)
-    for i, batch in enumerate(logger.log_every(loader, cfg.print_freq, f"Train epoch {epoch}", samples_per_iter,
-                                               total=num_iters)):
-        is_step = (i + 1) % accum_steps == 0
-        sync = nullcontext() if is_step or not hasattr(model, "no_sync") else model.no_sync()
-        with sync, attention_kernels(cfg.attention):
-            with autocast(device, cfg.amp):
-                losses = loss_fn(model, batch)
-            scaler.scale(losses["loss"] / accum_steps).backward()
-        values = all_reduce_sum(torch.stack([v.detach().float() for v in losses.values()])) / get_world_size()
-        if not torch.isfinite(values).all():
-            raise FloatingPointError(f"non-finite loss at epoch {epoch}, iteration {i}: "
-                                     + ", ".join(f"{k}={v:.4g}" for k, v in zip(losses, values.tolist())))
-        logger.update(lr=optimizer.param_groups[0]["lr"], **dict(zip(losses, values.tolist())))
-        if is_step:
-            if cfg.grad_clip is not None:
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-            scheduler.step()
-    return logger.global_averages()
 
 
 # ------------------------------------------------------------------------------------------- seeds & checkpoints
@@ -605,76 +754,423 @@ def set_rng_state(state):
 
 
 def save_checkpoint(state, path):
-    """torch.save to a temporary file, fsync, then rename: a crash never leaves a half-written checkpoint."""
+    """torch.save to a temporary file, fsync, then rename: a crash never leaves a half-written checkpoint, and a
+    failed write (a full disk) removes its partial file, keeps the previous checkpoint and raises RunError."""
     tmp = f"{path}.tmp"
-    with open(tmp, "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:
+        with suppress(FileNotFoundError):
+            os.remove(tmp)
+        free = shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free
+        kept = f"the previous {os.path.basename(path)} is kept" if os.path.exists(path) else "no earlier one exists"
+        reason = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+        raise RunError(f"cannot write checkpoint {path} ({reason}); {free / 1e9:.1f} GB free on its disk. The partial "
+                       f"file was removed and {kept}; free space (or move --output_dir) and resume") from None
 
 
 def load_checkpoint_file(url_or_path):
-    """A checkpoint dict from a local path or a URL (downloaded once into torch.hub's cache), tensors on CPU."""
+    """A checkpoint dict from a local path or a URL (downloaded once into torch.hub's cache), tensors on CPU.
+    Only tensors and plain containers are unpickled (weights_only): a file that holds other objects, a truncated
+    or corrupt file, raise InputError naming it."""
     if url_or_path.startswith(("http://", "https://", "file://")):
         try:
             return torch.hub.load_state_dict_from_url(url_or_path, map_location="cpu", weights_only=True,
                                                       check_hash=False)
-        except OSError as e:
+        except pickle.UnpicklingError:
+            raise InputError(_refused_pickle(url_or_path)) from None
+        except (OSError, RuntimeError) as e:
             raise InputError(f"cannot download checkpoint {url_or_path}: {e}. Download it elsewhere and set the "
                              "config to the local file's path") from None
     if not os.path.isfile(url_or_path):
         raise InputError(f"checkpoint {url_or_path} does not exist (a local file path or an http(s) URL is "
                          "expected)")
-    return torch.load(url_or_path, map_location="cpu", weights_only=True)
+    try:
+        return torch.load(url_or_path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise InputError(_refused_pickle(url_or_path)) from None
+    except (RuntimeError, EOFError, OSError, ValueError) as e:
+        raise InputError(f"{url_or_path} is not a readable checkpoint (truncated or corrupt: "
+                         f"{str(e).splitlines()[0][:200]}); use an intact copy") from None
 
 
-def training_state(model, optimizer, scheduler, scaler, epoch, best_metric, cfg):
-    """Everything `--resume` needs to continue exactly: call on every rank (it gathers their RNG states)."""
-    return {"model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "epoch": epoch,
-            "step": scheduler.last_epoch, "best_metric": best_metric, "rng": all_gather_object(get_rng_state()),
-            "config": _plain(dataclasses.asdict(cfg))}
+def _refused_pickle(path):
+    return (f"{path} holds objects other than tensors (pickled code or classes) and was not loaded: only "
+            "tensors and plain containers are read. Do not open it with torch.load(weights_only=False) unless you "
+            "trust its source; convert it where it was made to a plain state dict (torch.save(model.state_dict()))")
 
 
-def restore_training_state(ckpt, model, optimizer, scheduler, scaler):
-    """Load a `training_state` dict; returns (first epoch to run, best metric so far)."""
-    unwrap(model).load_state_dict(ckpt["model"])
-    # The config's train.fused_adamw, not the checkpoint's: set before loading, which places the state by it.
-    for saved, group in zip(ckpt["optimizer"]["param_groups"], optimizer.param_groups):
-        saved["fused"] = group["fused"]
-    optimizer.load_state_dict(ckpt["optimizer"])
-    scheduler.load_state_dict(ckpt["scheduler"])
-    scaler.load_state_dict(ckpt["scaler"])
-    if len(ckpt["rng"]) == get_world_size():
-        set_rng_state(ckpt["rng"][get_rank()])
-    else:
-        log(f"warning: the checkpoint was written by {len(ckpt['rng'])} processes, this run has "
-            f"{get_world_size()}; RNG streams are reseeded, so the data order will differ from an unbroken run")
-        seed_everything(ckpt["config"]["train"]["seed"] + get_rank() + ckpt["epoch"] + 1)
-    return ckpt["epoch"] + 1, ckpt["best_metric"]
-
-
-# ------------------------------------------------------------------------------------------- trainer plumbing
-
-def weights_to_evaluate(args, pretrained):
-    """The weights to evaluate: --checkpoint, else (a trainer's --evaluate) output_dir/checkpoint_best.pth, else
-    model.pretrained."""
-    best = os.path.join(args.output_dir, "checkpoint_best.pth")
-    weights = args.checkpoint or (best if getattr(args, "evaluate", False) and os.path.exists(best) else pretrained)
+def evaluation_weights(run):
+    """The one rule for the weights an evaluation loads: --checkpoint, else (a trainer's --evaluate)
+    output_dir/checkpoint_best.pth, else model.pretrained."""
+    best = os.path.join(run.output_dir, "checkpoint_best.pth")
+    weights = run.args.checkpoint or (best if run.args.trainer and os.path.exists(best) else run.cfg.model.pretrained)
     if weights is None:
         raise InputError("evaluation needs weights: pass --checkpoint or set model.pretrained")
     return weights
 
 
-def write_evaluation(output_dir, results):
+# ----------------------------------------------------------------------------------------------------- training
+
+@dataclass
+class TrainState:
+    """A training run from step to step: what it trains, how, and where it stands. Created by start_training,
+    advanced by fit; checkpoint_last.pth holds all of it."""
+    run: Run
+    model: torch.nn.Module                    # eager: evaluation and checkpoints
+    ddp_model: torch.nn.Module                # what the loop runs (DDP, torch.compile)
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    accum_steps: int
+    epoch: int = 0                            # the epoch in progress
+    epoch_batches: int = 0                    # micro-batches of it done (a mid-epoch checkpoint resumes there)
+    step: int = 0                             # optimiser steps done
+    best_metric: float = -math.inf
+    meters: MetricLogger = field(default_factory=MetricLogger)  # the epoch's running averages
+    batches_per_epoch: typing.Optional[int] = None  # known once fit has the loader
+    steps_per_epoch: typing.Optional[int] = None
+    total_steps: typing.Optional[int] = None
+
+    @property
+    def cfg(self):
+        return self.run.cfg
+
+    @property
+    def output_dir(self):
+        return self.run.output_dir
+
+    @property
+    def device(self):
+        return self.run.device
+
+    def lr(self):
+        return lr_at_step(self.step, self.steps_per_epoch, self.cfg.train)
+
+
+def start_training(run, model, load_checkpoint, init=None):
+    """The TrainState of a training run, with the one rule for where weights come from: output_dir's
+    checkpoint_last.pth when resuming (weights, optimizer state, position), else `model.pretrained` through
+    `load_checkpoint(model, path)`, else `init(model)` (the model's own initialisation beyond its constructor,
+    e.g. BERT weights for the Q-Former). Writes output_dir/config.yaml once the config is checked."""
+    cfg, output_dir = run.cfg, run.output_dir
+    last = os.path.join(output_dir, "checkpoint_last.pth")
+    if is_main_process():
+        remove_partial_files(output_dir)
+    resuming = bool(run.args.resume) and os.path.exists(last)
+    if run.args.resume == "yes" and not resuming:
+        raise InputError(f"--resume: {last} does not exist; run without --resume to start afresh (or with "
+                         "--resume auto, which starts afresh when there is nothing to resume)")
+    if not run.args.resume and os.path.exists(last):
+        raise InputError(f"{output_dir} holds a run (checkpoint_last.pth); continue it with --resume (or --resume "
+                         "auto), or use another --output_dir")
+    model.to(run.device)
+    if not resuming:
+        if cfg.model.pretrained:
+            load_checkpoint(model, cfg.model.pretrained)
+        elif init is not None:
+            init(model)
+    state = train_state(run, model)
+    if resuming:
+        restore(state, last)
+    elif is_main_process():
+        truncate_log(output_dir, -1)  # lines of a run that died before its first checkpoint
+    if is_main_process():
+        write_run_config(cfg, output_dir, state.step)
+    return state
+
+
+def train_state(run, model):
+    """A TrainState at step 0 for `model` (on the run's device, with the weights it starts from): AdamW, the grad
+    scaler and the model as the loop runs it (wrap_ddp, which gives every rank rank 0's weights)."""
+    cfg = run.cfg.train
+    return TrainState(run, model, wrap_ddp(model, run.device, cfg), build_optimizer(model, cfg),
+                      grad_scaler(run.device, cfg.amp), accumulation_steps(cfg))
+
+
+def remove_partial_files(output_dir):
+    """Delete checkpoint files that a killed run left half written (`*.pth.tmp`)."""
+    for path in glob.glob(os.path.join(output_dir, "*.pth.tmp")):
+        log(f"removing {path}: a checkpoint write that did not finish")
+        os.remove(path)
+
+
+def write_run_config(cfg, output_dir, step):
+    """output_dir/config.yaml; a different one that a resumed run replaces is kept as
+    config_until_step_<step>.yaml."""
+    path, new = os.path.join(output_dir, "config.yaml"), os.path.join(output_dir, "config.yaml.new")
+    save_config(cfg, new)
+    with open(new) as f, open(path) if os.path.exists(path) else nullcontext() as old:
+        changed = old is not None and old.read() != f.read()
+    if changed and step > 0:
+        os.replace(path, os.path.join(output_dir, f"config_until_step_{step}.yaml"))
+    os.replace(new, path)
+
+
+# What a resumed run may change of the config it was started with (dotted key prefixes, the longest match wins):
+# "fixed" (what the checkpoint's weights and optimizer state are made of: refused), "ask" (the optimisation and
+# the data trained on: refused unless named in --allow_changes, then applied), "free" (how the run executes or
+# evaluates, and keys only read at the start: applied, and logged).
+RESUME_RULES = {
+    "model.": "fixed", "model.pretrained": "free", "model.bert": "free", "model.itg_attention": "free",
+    "train.": "free", "train.no_decay_bias_norm": "fixed",
+    "train.epochs": "ask", "train.max_steps": "ask", "train.batch_size": "ask", "train.global_batch_size": "ask",
+    "train.lr": "ask", "train.min_lr": "ask", "train.warmup_steps": "ask", "train.warmup_lr": "ask",
+    "train.lr_schedule": "ask", "train.weight_decay": "ask", "train.grad_clip": "ask", "train.amp": "ask",
+    "train.seed": "ask",
+    "data.": "free", "data.train": "ask", "data.train_file": "ask", "data.crop_scale": "ask", "data.hflip": "ask",
+    "data.randaugment": "ask", "data.augment": "ask", "data.max_words": "ask",
+    "eval.": "free",
+}
+
+
+def resume_rule(key):
+    matches = [prefix for prefix in RESUME_RULES if key == prefix or (prefix.endswith(".") and key.startswith(prefix))]
+    return RESUME_RULES[max(matches, key=len)] if matches else "ask"
+
+
+def check_resumed_config(saved, cfg, allowed, path):
+    """Compare the config a run was started with (`saved`, from its checkpoint) with this one; InputError for
+    changes the rules refuse, a log line for each change applied."""
+    old, new = _flat(saved), _flat(config_dict(cfg))
+    changed = sorted(key for key in old.keys() | new.keys() if old.get(key) != new.get(key))
+    fixed = [key for key in changed if resume_rule(key) == "fixed"]
+    asked = [key for key in changed if resume_rule(key) == "ask" and key not in allowed]
+    described = {key: f"{key}: {old.get(key, '(absent)')!r} -> {new.get(key, '(absent)')!r}" for key in changed}
+    if fixed:
+        raise InputError(f"--resume: {path} was trained with another model; "
+                         f"{'; '.join(described[k] for k in fixed)}. Resume with the config it was started with "
+                         "(output_dir/config.yaml), or start a new run in another --output_dir")
+    if asked:
+        raise InputError(f"--resume: the config differs from the one {path} was trained with: "
+                         f"{'; '.join(described[k] for k in asked)}. To continue with the new values, add "
+                         f"--allow_changes {' '.join(asked)}; to continue as started, drop the changes")
+    for key in changed:
+        log(f"resume: {described[key]}" + (" (--allow_changes)" if key in allowed else ""))
+
+
+def restore(state, path):
+    """Continue from the checkpoint at `path` (written by `training_state`): weights, optimizer state (with the
+    config's hyper-parameters: lr, weight decay, fused), grad scaler, RNG streams, position and running averages."""
+    ckpt = load_checkpoint_file(path)
+    check_resumed_config(ckpt["config"], state.cfg, state.run.args.allow_changes, path)
+    try:
+        state.model.load_state_dict(ckpt["model"])
+        fresh = [{k: v for k, v in group.items() if k != "params"} for group in state.optimizer.param_groups]
+        # The config's fused flag must be in place while loading: load_state_dict puts the `step` state by it.
+        for saved, group in zip(ckpt["optimizer"]["param_groups"], fresh):
+            saved["fused"] = group["fused"]
+        state.optimizer.load_state_dict(ckpt["optimizer"])
+    except (RuntimeError, ValueError, KeyError) as e:
+        raise InputError(f"--resume: {path} does not fit this model and optimizer ({str(e).splitlines()[0][:300]}); "
+                         "it was written by another version of the code or for another model") from None
+    for group, settings in zip(state.optimizer.param_groups, fresh):
+        group.update(settings)
+    state.scaler.load_state_dict(ckpt["scaler"])
+    state.epoch, state.epoch_batches = ckpt["position"]["epoch"], ckpt["position"]["batch"]
+    state.step, state.best_metric = ckpt["step"], ckpt["best_metric"]
+    state.meters.restore_totals(ckpt["meters"])
+    if len(ckpt["rng"]) == get_world_size():
+        set_rng_state(ckpt["rng"][get_rank()])
+    else:
+        log(f"warning: the checkpoint was written by {len(ckpt['rng'])} processes, this run has "
+            f"{get_world_size()}; the RNG streams of dropout and sampling are reseeded (data order and augmentation "
+            "follow the seed and are unchanged)")
+        seed_everything(state.cfg.train.seed + get_rank() + state.step)
+    log(f"resumed from {path} at step {state.step} (epoch {state.epoch}, batch {state.epoch_batches})")
+    if is_main_process():
+        truncate_log(state.output_dir, state.step)
+
+
+def training_state(state):
+    """Everything --resume needs to continue exactly: call on every rank (it gathers their RNG states)."""
+    return {"model": state.model.state_dict(), "optimizer": state.optimizer.state_dict(),
+            "scaler": state.scaler.state_dict(), "epoch": state.epoch, "step": state.step,
+            "position": {"epoch": state.epoch, "batch": state.epoch_batches}, "meters": state.meters.totals(),
+            "best_metric": state.best_metric, "rng": all_gather_object(get_rng_state()),
+            "config": config_dict(state.cfg)}
+
+
+def save_last(state):
+    """checkpoint_last.pth of where `state` stands (every rank calls it; rank 0 writes)."""
+    ckpt = training_state(state)
+    if is_main_process():
+        save_checkpoint(ckpt, os.path.join(state.output_dir, "checkpoint_last.pth"))
+    barrier()
+
+
+class StopSignals:
+    """SIGTERM and SIGUSR1 (what SLURM and Kubernetes send before preemption or the time limit) only set
+    `received`; the train loop reads it at each optimiser step, all ranks alike, and then checkpoints and stops."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+    def __init__(self):
+        self.received = None
+
+    def __enter__(self):
+        self.previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc):
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+    def _handle(self, signum, frame):
+        if self.received is None:
+            self.received = signal.Signals(signum).name
+            print(f"{self.received} received (rank {get_rank()}): checkpointing at the end of this step", flush=True)
+
+
+def fit(state, loader, loss_fn, validate, criterion):
+    """Train from where `state` stands to the end of train.epochs (or train.max_steps).
+
+    `loss_fn(model, batch)` returns a dict of scalar losses, of which "loss" is minimised; `validate(at)`
+    returns the validation metrics {name: value} (`at`: "epoch 3" or "step 500", for progress lines); `criterion` names the one whose strict improvement writes
+    checkpoint_best.pth. After every epoch and every train.eval_every_steps steps: validate, append a line to
+    log.txt, then write the checkpoints (log line first: a run that dies in between resumes from the checkpoint
+    before and writes that line again). checkpoint_last.pth also after every train.save_every_steps steps and when
+    a stop signal arrives, which then ends the run with Preempted.
+    """
+    cfg = state.cfg.train
+    state.batches_per_epoch = loader.batch_sampler.batches_per_epoch // state.accum_steps * state.accum_steps
+    state.steps_per_epoch = state.batches_per_epoch // state.accum_steps
+    check_schedule(cfg, state.steps_per_epoch)
+    state.total_steps = total_steps(cfg, state.steps_per_epoch)
+    with StopSignals() as signals:
+        while state.step < state.total_steps:
+            loader.batch_sampler.set_position(state.epoch, state.epoch_batches)
+            for _ in train_steps(state, loader, loss_fn, signals):
+                epoch_done = state.epoch_batches == state.batches_per_epoch
+                if epoch_done or state.step == state.total_steps or _due(state.step, cfg.eval_every_steps):
+                    validate_and_log(state, validate, criterion, with_train=epoch_done or state.step == state.total_steps)
+                if epoch_done:
+                    state.epoch, state.epoch_batches, state.meters = state.epoch + 1, 0, MetricLogger()
+                stopping = _agree(signals.received is not None, state.device)
+                if epoch_done or stopping or state.step == state.total_steps or _due(state.step, cfg.save_every_steps):
+                    save_last(state)
+                if stopping:
+                    raise Preempted(f"stopped by {signals.received or 'a stop signal on another rank'} at step "
+                                    f"{state.step}; {os.path.join(state.output_dir, 'checkpoint_last.pth')} holds "
+                                    "it. Run the same command with --resume auto to continue")
+    log(f"best {criterion} {state.best_metric:.4f}")
+
+
+def validate_and_log(state, validate, criterion, with_train):
+    """One log.txt line of `validate`'s metrics (and the epoch's training averages); checkpoint_best.pth when the
+    criterion strictly improves."""
+    stats = {"epoch": state.epoch, "step": state.step}
+    if with_train:
+        stats.update({f"train_{k}": v for k, v in state.meters.global_averages().items()})
+    metrics = validate(f"epoch {state.epoch}" if with_train else f"step {state.step}")
+    append_log(state.output_dir, {**stats, **metrics})
+    if metrics[criterion] > state.best_metric:
+        state.best_metric = metrics[criterion]
+        save_best(state, {criterion: metrics[criterion]})
+
+
+def _due(step, every):
+    return every is not None and step % every == 0
+
+
+def _agree(flag, device):
+    """True on every rank when `flag` holds on any."""
+    return bool(all_reduce_sum(torch.tensor([float(flag)], device=device)).item())
+
+
+def train_steps(state, batches, loss_fn, signals):
+    """Train on `batches`, the rest of epoch `state.epoch` from micro-batch `state.epoch_batches` on, yielding after
+    each optimiser step at which fit has work: the epoch's end, train.max_steps, an eval or save point, or a stop
+    signal on any rank (the flag rides on the loss all-reduce, so all ranks yield together). A non-finite loss
+    raises FloatingPointError before any optimiser step uses it, naming the checkpoint that is left."""
+    cfg, model, meters = state.cfg.train, state.ddp_model, state.meters
+    model.train()
+    state.optimizer.zero_grad(set_to_none=True)
+    batches = meters.log_every(batches, cfg.print_freq, f"Train epoch {state.epoch}", cfg.batch_size * get_world_size(),
+                               total=state.batches_per_epoch, start=state.epoch_batches)
+    for batch in batches:
+        is_step = (state.epoch_batches + 1) % state.accum_steps == 0
+        sync = nullcontext() if is_step or not hasattr(model, "no_sync") else model.no_sync()
+        with sync, attention_kernels(cfg.attention):
+            with state.run.autocast():
+                losses = loss_fn(model, batch)
+            state.scaler.scale(losses["loss"] / state.accum_steps).backward()
+        point = is_step and (_work_due(state, state.step + 1) or signals.received is not None)
+        values = torch.stack([v.detach().float() for v in losses.values()] + [losses["loss"].new_tensor(point)])
+        values = all_reduce_sum(values.float()).tolist()
+        losses, stop = {k: v / get_world_size() for k, v in zip(losses, values)}, values[-1] > 0
+        if not all(math.isfinite(v) for v in losses.values()):
+            raise FloatingPointError(_diverged(state, losses))
+        lr = state.lr()
+        meters.update(lr=lr, **losses)
+        state.epoch_batches += 1
+        if not is_step:
+            continue
+        optimizer_step(state, lr)
+        if stop and state.epoch_batches < state.batches_per_epoch:
+            paused = time.time()
+            yield  # fit validates and checkpoints
+            meters.paused = time.time() - paused
+            if state.step == state.total_steps:
+                return
+            model.train()  # validation left it in eval mode
+    if state.epoch_batches == state.batches_per_epoch:
+        yield  # the epoch's end, once log_every has printed its last line
+
+
+def _work_due(state, step):
+    cfg = state.cfg.train
+    return step == state.total_steps or _due(step, cfg.eval_every_steps) or _due(step, cfg.save_every_steps)
+
+
+def optimizer_step(state, lr):
+    cfg, optimizer, scaler = state.cfg.train, state.optimizer, state.scaler
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    if cfg.grad_clip is not None:
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(state.ddp_model.parameters(), cfg.grad_clip)
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    state.step += 1
+
+
+def _diverged(state, losses):
+    last = os.path.join(state.output_dir, "checkpoint_last.pth")
+    kept = f"{last} is left as it was" if os.path.exists(last) else "no checkpoint was written"
+    return (f"non-finite loss at epoch {state.epoch}, iteration {state.epoch_batches} (step {state.step}): "
+            + ", ".join(f"{k}={v:.4g}" for k, v in losses.items())
+            + f". Training stopped; {kept}. Lower train.lr, set train.grad_clip, or use train.amp: bf16 in place of "
+              "fp16")
+
+
+def save_best(state, metrics):
+    """checkpoint_best.pth: the weights, where they were reached and `metrics` (rank 0)."""
+    if is_main_process():
+        save_checkpoint({"model": state.model.state_dict(), "epoch": state.epoch, "step": state.step, **metrics,
+                         "config": config_dict(state.cfg)}, os.path.join(state.output_dir, "checkpoint_best.pth"))
+
+
+def test_best(state, evaluate):
+    """The final log line: `evaluate()`'s metrics of the weights in checkpoint_best.pth, with their epoch and step."""
+    best = load_checkpoint_file(os.path.join(state.output_dir, "checkpoint_best.pth"))
+    state.model.load_state_dict(best["model"])
+    append_log(state.output_dir, {"best_epoch": best["epoch"], "best_step": best["step"], **evaluate()})
+
+
+# --------------------------------------------------------------------------------------------------- evaluation
+
+def write_evaluation(run, results):
     """Print `results` {split: {metric: value}} as a table and write them to output_dir/evaluate.txt as one JSON
     object {"<split>_<metric>": value}."""
-    stats = flat_metrics(results)
     log(metrics_table(results))
     if is_main_process():
-        with open(os.path.join(output_dir, "evaluate.txt"), "w") as f:
-            f.write(json.dumps(stats) + "\n")
+        with open(os.path.join(run.output_dir, "evaluate.txt"), "w") as f:
+            f.write(json.dumps(flat_metrics(results)) + "\n")
 
 
 def flat_metrics(results):
@@ -698,74 +1194,26 @@ def _cell(value, width):
     return f"{value:>{width}.4f}" if isinstance(value, float) else f"{value!s:>{width}}"
 
 
-def resume_training(output_dir, model, optimizer, scheduler, scaler):
-    """Restore output_dir/checkpoint_last.pth; returns (first epoch to run, best metric so far). log.txt lines of
-    later epochs (a run that died before saving) are dropped."""
-    path = os.path.join(output_dir, "checkpoint_last.pth")
-    if not os.path.exists(path):
-        raise InputError(f"--resume: {path} does not exist; run without --resume to start afresh")
-    start_epoch, best_metric = restore_training_state(load_checkpoint_file(path), model, optimizer, scheduler, scaler)
-    log(f"resumed from {path} at epoch {start_epoch}")
-    if is_main_process():
-        truncate_log(output_dir, start_epoch - 1)
-    return start_epoch, best_metric
-
-
-def start_training(args, model, loader, cfg, device):
-    """The optimisation state for `cfg` (a TrainConfig) over `loader`, restored from output_dir/checkpoint_last.pth
-    with --resume: (accumulation steps, AdamW, LR scheduler, grad scaler, first epoch, best metric so far)."""
-    accum = accumulation_steps(cfg)
-    optimizer = build_optimizer(model, cfg)
-    scheduler = build_scheduler(optimizer, cfg, steps_per_epoch=len(loader) // accum)
-    scaler = grad_scaler(device, cfg.amp)
-    start_epoch, best_metric = 0, -math.inf
-    if args.resume:
-        start_epoch, best_metric = resume_training(args.output_dir, model, optimizer, scheduler, scaler)
-    return accum, optimizer, scheduler, scaler, start_epoch, best_metric
-
-
-def load_best_weights(output_dir, model):
-    """Load output_dir/checkpoint_best.pth into `model`; returns its epoch."""
-    best = load_checkpoint_file(os.path.join(output_dir, "checkpoint_best.pth"))
-    model.load_state_dict(best["model"])
-    return best["epoch"]
-
-
-def train_epoch(model, loader, loss_fn, optimizer, scheduler, scaler, epoch, cfg, device, accum_steps, output_dir):
-    """train_one_epoch, with a diverged loss explained in terms of the checkpoints on disk."""
-    loader.sampler.set_epoch(epoch)
-    try:
-        return train_one_epoch(model, loader, loss_fn, optimizer, scheduler, scaler, epoch, cfg, device, accum_steps)
-    except FloatingPointError as e:
-        last = os.path.join(output_dir, "checkpoint_last.pth")
-        kept = f"{last} (epoch {epoch - 1}) is left as it was" if epoch else "no checkpoint was written"
-        raise FloatingPointError(f"{e}. Training stopped; {kept}. Lower train.lr, set train.grad_clip, or use "
-                                 "train.amp: bf16 in place of fp16") from None
-
-
-def end_epoch(output_dir, stats, improved, best_extra, model, optimizer, scheduler, scaler, epoch, best_metric, cfg):
-    """Save checkpoint_last.pth (everything --resume needs) and, when `improved`, checkpoint_best.pth (weights,
-    epoch, config and `best_extra`); append `stats` to log.txt. Call on every rank."""
-    state = training_state(model, optimizer, scheduler, scaler, epoch, best_metric, cfg)
-    if is_main_process():
-        if improved:
-            save_checkpoint({"model": state["model"], "epoch": epoch, **best_extra, "config": state["config"]},
-                            os.path.join(output_dir, "checkpoint_best.pth"))
-        save_checkpoint(state, os.path.join(output_dir, "checkpoint_last.pth"))
-        append_log(output_dir, stats)
-    log(json.dumps(stats))
-    barrier()
-
+# ----------------------------------------------------------------------------------------------------------- exit
 
 def run_main(main):
-    """Call `main()`; bad input (exit status 2) and a diverged loss (status 1) end with a message, no traceback."""
+    """Call `main()`; bad input (exit status 2), a diverged loss or a failed write (1) and a stop signal (75) end
+    with a message, no traceback."""
     try:
         main()
     except InputError as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        sys.exit(2)
-    except FloatingPointError as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        sys.exit(1)
+        _exit(e, 2)
+    except (FloatingPointError, RunError) as e:
+        _exit(e, 1)
+    except Preempted as e:
+        _exit(e, EXIT_PREEMPTED, "preempted: ")
     finally:
         cleanup_distributed()
+
+
+def _exit(error, status, prefix="error: "):
+    message = str(error)
+    if "Original Traceback" in message:  # re-raised from a DataLoader worker: keep the worker's own message
+        message = message.strip().splitlines()[-1].split(": ", 1)[-1]
+    print(prefix + message, file=sys.stderr, flush=True)
+    sys.exit(status)

@@ -24,7 +24,7 @@ from torch.utils.data import Dataset
 
 from data.loader import eval_loader
 from data.transforms import eval_transform
-from utils import (InputError, MetricLogger, attention_kernels, autocast, barrier, broadcast_from_main,
+from utils import (Autocast, InputError, MetricLogger, attention_kernels, barrier, broadcast_from_main,
                    is_main_process, log)
 
 TOKENS, META = "tokens.bin", "meta.json"
@@ -33,10 +33,12 @@ FINGERPRINT_NAMES = {"images": "image files (paths, sizes or modification times)
                      "amp": "autocast (train.amp)", "encoder_sha256": "encoder weights"}
 
 
-def cached_train_set(cfg, model, train_set, device):
-    """`train_set` (a CaptionDataset) of a stage-1/2 config with its images replaced by the frozen encoder's tokens
-    from `cfg.data.vit_feature_cache`, built there first when missing or stale (`eval.batch_size` images per
-    forward). Call it on every process once `model.visual_encoder` holds the weights training uses."""
+def cached_train_set(run, model, train_set):
+    """`train_set` (a CaptionDataset) of a stage-1/2 run with its images replaced by the frozen encoder's tokens
+    from `data.vit_feature_cache`, built there first when missing or stale (`eval.batch_size` images per
+    forward, under the run's autocast). Call it on every process once `model.visual_encoder` holds the weights
+    training uses."""
+    cfg, device = run.cfg, run.device
     if cfg.data.augment:
         raise InputError("data.vit_feature_cache needs data.augment: false (augmented images differ every epoch, "
                          "their features cannot be cached); set data.augment: false or remove data.vit_feature_cache")
@@ -45,25 +47,26 @@ def cached_train_set(cfg, model, train_set, device):
                          "every step); set model.freeze_vit: true or remove data.vit_feature_cache")
     loader_kwargs = {**cfg.data.loader_kwargs(device), "persistent_workers": False}  # one pass: keep no workers
     build_feature_cache(model.visual_encoder, train_set, cfg.data.vit_feature_cache, cfg.model.image_size,
-                        cfg.eval.batch_size, device, cfg.train.amp, cfg.train.attention, **loader_kwargs)
+                        cfg.eval.batch_size, device, run.autocast, cfg.train.attention, **loader_kwargs)
     return FeatureCacheDataset(train_set, cfg.data.vit_feature_cache)
 
 
-def build_feature_cache(encoder, dataset, cache_dir, image_size, batch_size, device, amp="off", attention="auto",
-                        **loader_kwargs):
+def build_feature_cache(encoder, dataset, cache_dir, image_size, batch_size, device, autocast=None,
+                        attention="auto", **loader_kwargs):
     """Make `cache_dir` hold `encoder`'s tokens [N, Dv] of every distinct image of `dataset` (a CaptionDataset),
-    each image resized by `eval_transform(image_size)` and encoded under training's `amp` autocast and `attention`
-    kernels; a cache there whose meta matches is reused. Returns the meta dict.
+    each image resized by `eval_transform(image_size)` and encoded under training's `autocast` (a utils.Autocast;
+    None: fp32) and `attention` kernels; a cache there whose meta matches is reused. Returns the meta dict.
 
     Every process calls it: rank r encodes images r, r + W, ... (W processes) into the file rank 0 created, so
     `cache_dir` must be on a filesystem all of them see. `loader_kwargs`: DataLoader's.
     """
     paths = image_paths(dataset)
+    autocast = autocast or Autocast(device, "fp32")
     _weights_from_main(encoder)
-    with torch.no_grad(), autocast(device, amp), attention_kernels(attention):
+    with torch.no_grad(), autocast(), attention_kernels(attention):
         probe = encoder(torch.zeros(1, 3, image_size, image_size, device=device))
     meta = broadcast_from_main(lambda: {"shape": [len(paths), *probe.shape[1:]], "dtype": _dtype_name(probe.dtype),
-                                        "fingerprint": fingerprint(encoder, paths, image_size, amp)})
+                                        "fingerprint": fingerprint(encoder, paths, image_size, autocast.amp)})
     stale = broadcast_from_main(lambda: stale_reason(cache_dir, meta))
     if stale is None:
         log(f"feature cache {cache_dir}: reusing the encoder tokens of {len(paths)} images")
@@ -78,7 +81,7 @@ def build_feature_cache(encoder, dataset, cache_dir, image_size, batch_size, dev
     loader = eval_loader(_ImageFiles(paths, eval_transform(image_size)), batch_size, generator=torch.Generator(),
                          **loader_kwargs)
     for images, index in MetricLogger().log_every(loader, PRINT_FREQ, "Feature cache"):
-        with torch.no_grad(), autocast(device, amp), attention_kernels(attention):
+        with torch.no_grad(), autocast(), attention_kernels(attention):
             tokens = encoder(images.to(device, non_blocking=True))
         rows[index.numpy()] = tokens.contiguous().cpu().view(torch.uint8).numpy()
     rows.flush()

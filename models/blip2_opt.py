@@ -10,7 +10,6 @@ State-dict keys are LAVIS's (`blip2_pretrained_opt2.7b.pth`): `visual_encoder.*`
 `to_hf_generation`/`from_hf_generation` convert to and from transformers' `Blip2ForConditionalGeneration` layout.
 """
 
-import argparse
 import re
 from dataclasses import dataclass
 from typing import Literal, Optional
@@ -20,10 +19,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from transformers import AutoTokenizer, OPTForCausalLM
 
-from models.blip2_qformer import PRECISIONS, hf_to_lavis, lavis_to_hf
+from models.blip2_qformer import hf_to_lavis, lavis_to_hf
 from models.eva_vit import VisionConfig, create_vision_encoder, freeze_vision_encoder, load_vision_file, load_vision_weights
 from models.qformer import build_qformer
-from utils import InputError, all_reduce_sum, get_world_size, load_checkpoint_file, log, run_main
+from utils import DTYPES, InputError, all_reduce_sum, get_world_size, load_checkpoint_file, log
 
 CHECKPOINT_URLS = {
     "pretrain_opt2.7b": "https://storage.googleapis.com/sfr-vision-language-research/LAVIS/models/BLIP2/"
@@ -53,20 +52,29 @@ class Blip2OPTConfig(VisionConfig):
     pretrained: Optional[str] = None          # stage-1 checkpoint to start from, or a stage-2 one (LAVIS/ours/HF)
 
 
-def create_model(cfg):
-    """(Blip2OPT, the OPT tokenizer) for a Blip2OPTConfig at its start: the frozen parts from their files
-    (`opt_model`, `vit_pretrained`, the image encoder of `pretrained`), the trainable ones from `pretrained` when
-    given."""
-    opt_model, opt_tokenizer = load_opt(cfg.opt_model, cfg.opt_precision)
+def create_model(cfg, language_model=None):
+    """(Blip2OPT, the OPT tokenizer) for a Blip2OPTConfig: the architecture and its frozen parts from their files,
+    the OPT (`opt_model`, or `language_model` = (OPTForCausalLM, tokenizer) already built) and a frozen image
+    encoder (`vit_pretrained`, else the image encoder in `pretrained`: BLIP-2's stage-2 configs take it from the
+    stage-1 checkpoint). The trainable parts come from a checkpoint (load_checkpoint)."""
+    opt_model, opt_tokenizer = language_model or load_opt(cfg.opt_model, cfg.opt_precision)
     model = Blip2OPT(opt_model, opt_tokenizer, **cfg.encoder_kwargs(), qformer=cfg.qformer,
                      num_query_tokens=cfg.num_query_tokens, cross_attention_freq=cfg.cross_attention_freq,
                      prompt=cfg.prompt, max_txt_len=cfg.max_txt_len)
     if cfg.vit_pretrained:
         load_vision_file(model.visual_encoder, cfg.vit_pretrained)
         model.vit_source = cfg.vit_pretrained
-    if cfg.pretrained:
-        load_checkpoint(model, cfg.pretrained)
+    elif cfg.freeze_vit and cfg.pretrained:
+        state = load_checkpoint_file(cfg.pretrained)
+        state = state.get("model", state)
+        if any(k.startswith(("visual_encoder.", "vision_model.")) for k in state):
+            load_vision_weights(model.visual_encoder, _lavis_layout(state))
+            model.vit_source = cfg.pretrained
     return model, opt_tokenizer
+
+
+def _lavis_layout(state):
+    return hf_to_lavis(state) if any(k.startswith("vision_model.") for k in state) else state
 
 
 class Blip2OPT(nn.Module):
@@ -86,7 +94,7 @@ class Blip2OPT(nn.Module):
         self.visual_encoder = create_vision_encoder(vision, image_size, drop_path_rate, vit_grad_ckpt_layers,
                                                     patch_size)
         if freeze_vit:
-            freeze_vision_encoder(self.visual_encoder, PRECISIONS[vit_precision])
+            freeze_vision_encoder(self.visual_encoder, DTYPES[vit_precision])
         self.vit_source = None
         width = self.visual_encoder.num_features
         self.ln_vision = nn.LayerNorm(width, eps=ln_vision_eps)
@@ -218,7 +226,7 @@ def load_opt(name_or_dir, precision="fp16"):
     local directory in transformers' format."""
     try:
         tokenizer = AutoTokenizer.from_pretrained(name_or_dir)
-        model = OPTForCausalLM.from_pretrained(name_or_dir, dtype=PRECISIONS[precision])
+        model = OPTForCausalLM.from_pretrained(name_or_dir, dtype=DTYPES[precision])
     except OSError as e:
         raise InputError(f"cannot load the OPT model '{name_or_dir}' ({e}). Offline, run `hf download {name_or_dir} "
                          f"--local-dir /path/to/opt` on a machine with internet and set model.opt_model to that "
@@ -236,9 +244,7 @@ def load_checkpoint(model, url_or_path):
     transformers Blip2ForConditionalGeneration state dict, whose `language_model.*` are not used (the OPT comes from
     model.opt_model). Image-encoder weights in the file set `model.vit_source`."""
     ckpt = load_checkpoint_file(url_or_path)
-    state = ckpt.get("model", ckpt)
-    if any(k.startswith("vision_model.") for k in state):
-        state = hf_to_lavis(state)
+    state = _lavis_layout(ckpt.get("model", ckpt))
     vision = {k: v for k, v in state.items() if k.startswith("visual_encoder.")}
     if vision:
         load_vision_weights(model.visual_encoder, vision)
@@ -281,38 +287,3 @@ def from_hf_generation(hf):
     state = hf_to_lavis(hf)
     opt = {k[len("opt_model."):]: state.pop(k) for k in list(state) if k.startswith("opt_model.")}
     return state, opt
-
-
-def convert_main(argv=None):
-    """Convert stage-2 checkpoints between LAVIS's blip2_opt layout and transformers' Blip2ForConditionalGeneration
-    state-dict layout (which includes the OPT's weights)."""
-    parser = argparse.ArgumentParser(description=convert_main.__doc__)
-    parser.add_argument("direction", choices=["to_hf", "from_hf"])
-    parser.add_argument("source", help="to_hf: a blip2_opt checkpoint (.pth); from_hf: a transformers state dict")
-    parser.add_argument("output", help="the converted state dict (.pth)")
-    parser.add_argument("--opt_model", help="to_hf: the OPT (hub name or directory) the checkpoint was trained with")
-    args = parser.parse_args(argv)
-
-    def convert():
-        state = load_checkpoint_file(args.source)
-        state = state.get("model", state)
-        if args.direction == "to_hf":
-            if not args.opt_model:
-                raise InputError("to_hf needs --opt_model: transformers' layout includes the OPT's weights")
-            if not any(k.startswith("visual_encoder.") for k in state):
-                raise InputError(f"{args.source} holds no image-encoder weights (they came from their own file in "
-                                 "training); transformers' layout needs them")
-            opt, _ = load_opt(args.opt_model, "fp32")
-            torch.save(to_hf_generation(state, opt.state_dict()), args.output)
-        else:
-            lavis, opt = from_hf_generation(state)
-            log(f"the language model's {len(opt)} tensors are left out: LAVIS's layout loads the OPT from its own "
-                "files")
-            torch.save({"model": lavis}, args.output)
-        print(f"wrote {args.output}")
-
-    run_main(convert)
-
-
-if __name__ == "__main__":
-    convert_main()

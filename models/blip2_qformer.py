@@ -8,7 +8,6 @@ Shapes: images [B, 3, S, S]; text ids and attention mask [B, L] starting with [C
 (after ln_vision); query outputs [B, Q, H]; features [B, Q, E] (image) and [B, E] (text), L2-normalised.
 """
 
-import argparse
 from dataclasses import dataclass
 from typing import Literal, Optional
 
@@ -21,8 +20,8 @@ from models.eva_vit import VisionConfig, create_vision_encoder, freeze_vision_en
 from models.generation import beam_search, nucleus_sampling
 from models.qformer import build_qformer, causal_mask_with_query_prefix, load_bert_weights, padding_mask, unilm_mask
 from models.tokenizer import init_tokenizer
-from utils import (InputError, all_gather_no_grad, all_gather_with_grad, all_reduce_sum, get_rank, get_world_size,
-                   load_checkpoint_file, log, run_main)
+from utils import (DTYPES, InputError, all_gather_no_grad, all_gather_with_grad, all_reduce_sum, get_rank,
+                   get_world_size, load_checkpoint_file, log)
 
 CHECKPOINT_URLS = {
     "pretrain": "https://storage.googleapis.com/sfr-vision-language-research/LAVIS/models/BLIP2/blip2_pretrained.pth",
@@ -30,7 +29,6 @@ CHECKPOINT_URLS = {
 }
 # What transformers' Blip2ForImageTextRetrieval layout has no place for (kept in a side file).
 HF_SIDE_KEYS = ("temp", "Qformer.cls.")
-PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclass
@@ -50,10 +48,10 @@ class Blip2QformerConfig(VisionConfig):
     pretrained: Optional[str] = None          # stage-1 checkpoint to start from (LAVIS or transformers layout)
 
 
-def create_model(cfg, load_bert=True):
-    """(Blip2Qformer, its tokenizer) for a Blip2QformerConfig: the image encoder from `vit_pretrained`, the Q-Former
-    from `bert` unless `load_bert` is False (a whole stage-1 checkpoint follows); `pretrained` is for
-    load_checkpoint."""
+def create_model(cfg):
+    """(Blip2Qformer, its tokenizer) for a Blip2QformerConfig: the architecture, with the image encoder's weights
+    from `vit_pretrained`. The rest comes from a checkpoint (load_checkpoint) or, training from scratch, from
+    `init_from_bert`."""
     tokenizer = init_tokenizer(cfg.tokenizer, enc_token=False)
     token_ids = {"bos": tokenizer.bos_token_id, "pad": tokenizer.pad_token_id, "eos": tokenizer.sep_token_id}
     model = Blip2Qformer(token_ids, **cfg.encoder_kwargs(), qformer=cfg.qformer,
@@ -62,9 +60,13 @@ def create_model(cfg, load_bert=True):
                          clamp_temp=cfg.clamp_temp, itg_attention=cfg.itg_attention)
     if cfg.vit_pretrained:
         load_vision_file(model.visual_encoder, cfg.vit_pretrained)
-    if load_bert and cfg.bert:
-        load_bert_weights(model.Qformer, cfg.bert)
     return model, tokenizer
+
+
+def init_from_bert(cfg):
+    """The Q-Former's own initialisation from the BERT that `cfg.bert` names (None: keep the random one), as a
+    function of the model for utils.start_training."""
+    return (lambda model: load_bert_weights(model.Qformer, cfg.bert)) if cfg.bert else None
 
 
 def decode_captions(tokenizer, ids):
@@ -87,7 +89,7 @@ class Blip2Qformer(nn.Module):
         self.visual_encoder = create_vision_encoder(vision, image_size, drop_path_rate, vit_grad_ckpt_layers,
                                                     patch_size)
         if freeze_vit:
-            freeze_vision_encoder(self.visual_encoder, PRECISIONS[vit_precision])
+            freeze_vision_encoder(self.visual_encoder, DTYPES[vit_precision])
         width = self.visual_encoder.num_features
         self.ln_vision = nn.LayerNorm(width, eps=ln_vision_eps)
         self.Qformer = build_qformer(qformer, vocab_size, width, cross_attention_freq)
@@ -328,11 +330,15 @@ def from_hf_retrieval(hf, side=None):
     return {**hf_to_lavis(hf), **(side or {})}
 
 
-def lavis_to_hf(state):
-    """Rename a LAVIS BLIP-2 state dict (`blip2`, `blip2_opt`) to transformers' BLIP-2 layout; EVA's q/v biases
-    become one qkv bias with a zero key part. CHECKPOINTS.md lists the renames."""
+def lavis_to_hf(state, instruct=False):
+    """Rename a LAVIS BLIP-2 state dict (`blip2`, `blip2_opt`, `blip2_t5`, `blip2_vicuna_instruct`, ...) to
+    transformers' BLIP-2 layout, or with `instruct` to its InstructBLIP layout (the Q-Former's embeddings under
+    `qformer.embeddings.*`); EVA's q/v biases become one qkv bias with a zero key part. CHECKPOINTS.md and
+    LANGUAGE_MODELS_VQA.md 2.1 list the renames."""
     if any(k.startswith("visual_encoder.transformer.") for k in state):
         raise InputError("transformers' BLIP-2 layout has no CLIP ViT-L image encoder; only EVA ViT-g converts")
+    lm = next((name for name in LM_NAMES if any(k.startswith(f"{name}_") for k in state)), "opt")
+    renames = _prefix_renames(lm, instruct)
     hf = {}
     for key, value in state.items():
         if key.endswith("position_ids") or key.endswith("attn.v_bias"):
@@ -340,19 +346,22 @@ def lavis_to_hf(state):
         if key.endswith("attn.q_bias"):
             prefix = key[:-len("attn.q_bias")]
             q_bias, v_bias = value, state[prefix + "attn.v_bias"]
-            hf[_lavis_to_hf_key(prefix + "attn.qkv.bias")] = torch.cat([q_bias, torch.zeros_like(q_bias), v_bias])
+            hf[_lavis_to_hf_key(prefix + "attn.qkv.bias", renames)] = torch.cat(
+                [q_bias, torch.zeros_like(q_bias), v_bias])
         else:
-            hf[_lavis_to_hf_key(key)] = value
+            hf[_lavis_to_hf_key(key, renames)] = value
     return hf
 
 
-def hf_to_lavis(hf):
-    """Inverse of `lavis_to_hf`. A non-zero key bias (which EVA does not have) is an error."""
+def hf_to_lavis(hf, lm="opt"):
+    """Inverse of `lavis_to_hf` (either layout); `language_projection`/`language_model` become `{lm}_proj`/
+    `{lm}_model` (`lm` one of LM_NAMES). A non-zero key bias (which EVA does not have) is an error."""
+    renames = _prefix_renames(lm, instruct=any(k.startswith("qformer.embeddings.layernorm.") for k in hf))
     state = {}
     for key, value in hf.items():
         if key.endswith("position_ids"):
             continue
-        lavis = _hf_to_lavis_key(key)
+        lavis = _hf_to_lavis_key(key, renames)
         if lavis.endswith("attn.qkv.bias"):
             q_bias, k_bias, v_bias = value.chunk(3)
             if k_bias.abs().max() > 0:
@@ -368,64 +377,44 @@ _VISION_RENAMES = [("embeddings.class_embedding", "cls_token"), ("embeddings.pos
                    ("embeddings.patch_embedding", "patch_embed.proj"), ("encoder.layers.", "blocks."),
                    (".layer_norm1.", ".norm1."), (".layer_norm2.", ".norm2."), (".self_attn.projection.", ".attn.proj."),
                    (".self_attn.qkv.", ".attn.qkv.")]
-# (transformers prefix, LAVIS prefix) of the parts outside the image encoder, most specific first.
-_PREFIX_RENAMES = [("vision_model.post_layernorm.", "ln_vision."),
-                   ("qformer.layernorm.", "Qformer.bert.embeddings.LayerNorm."),
-                   ("embeddings.", "Qformer.bert.embeddings."), ("qformer.", "Qformer.bert."),
-                   ("vision_projection.", "vision_proj."), ("text_projection.", "text_proj."),
-                   ("language_projection.", "opt_proj."), ("language_model.", "opt_model.")]
+# LAVIS's names of the language model and its projection: `{name}_model.*`, `{name}_proj.*`.
+LM_NAMES = ("opt", "t5", "llm")
 
 
-def _lavis_to_hf_key(key):
+def _prefix_renames(lm, instruct):
+    """(transformers prefix, LAVIS prefix) of the parts outside the image encoder, most specific first. BLIP-2 puts
+    the Q-Former's embedding LayerNorm at `qformer.layernorm` and the text embeddings (stage 1) at `embeddings`;
+    InstructBLIP puts both under `qformer.embeddings` (`layernorm`, `word_embeddings`, `position_embeddings`)."""
+    layernorm, text = ("qformer.embeddings.layernorm.", "qformer.embeddings.") if instruct else \
+        ("qformer.layernorm.", "embeddings.")
+    return [("vision_model.post_layernorm.", "ln_vision."), (layernorm, "Qformer.bert.embeddings.LayerNorm."),
+            (text, "Qformer.bert.embeddings."), ("qformer.", "Qformer.bert."),
+            ("vision_projection.", "vision_proj."), ("text_projection.", "text_proj."),
+            ("language_projection.", f"{lm}_proj."), ("language_model.", f"{lm}_model.")]
+
+
+def _lavis_to_hf_key(key, renames):
     if key.startswith("visual_encoder."):
         key = key[len("visual_encoder."):]
         for hf, lavis in _VISION_RENAMES:
             key = key.replace(lavis, hf)
         return "vision_model." + key
-    for hf, lavis in _PREFIX_RENAMES:
+    for hf, lavis in renames:
         if key.startswith(lavis):
             key = hf + key[len(lavis):]
             return key.replace(".self.", ".attention.") if lavis == "Qformer.bert." else key
     return key
 
 
-def _hf_to_lavis_key(key):
+def _hf_to_lavis_key(key, renames):
     if key.startswith("vision_model.") and not key.startswith("vision_model.post_layernorm."):
         key = key[len("vision_model."):]
         for hf, lavis in _VISION_RENAMES:
             key = key.replace(hf, lavis)
         return "visual_encoder." + key
-    for hf, lavis in _PREFIX_RENAMES:
+    for hf, lavis in renames:
         if key.startswith(hf):
             key = lavis + key[len(hf):]
             return key.replace(".attention.attention.", ".attention.self.").replace(
                 ".crossattention.attention.", ".crossattention.self.")
     return key
-
-
-def convert_main(argv=None):
-    """Convert checkpoint files between LAVIS's layout and transformers' Blip2ForImageTextRetrieval layout."""
-    parser = argparse.ArgumentParser(description=convert_main.__doc__)
-    parser.add_argument("direction", choices=["to_hf", "from_hf"])
-    parser.add_argument("source", help="to_hf: a stage-1 checkpoint (.pth); from_hf: a transformers state dict (.pth)")
-    parser.add_argument("output", help="the converted state dict; to_hf also writes OUTPUT.side.pth (temp, LM head)")
-    parser.add_argument("--side", help="from_hf: the side file written by to_hf")
-    args = parser.parse_args(argv)
-
-    def convert():
-        state = load_checkpoint_file(args.source)
-        state = state.get("model", state)
-        if args.direction == "to_hf":
-            hf, side = to_hf_retrieval(state)
-            torch.save(hf, args.output)
-            torch.save(side, f"{args.output}.side.pth")
-        else:
-            side = load_checkpoint_file(args.side) if args.side else None
-            torch.save({"model": from_hf_retrieval(state, side)}, args.output)
-        print(f"wrote {args.output}")
-
-    run_main(convert)
-
-
-if __name__ == "__main__":
-    convert_main()

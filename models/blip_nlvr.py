@@ -32,9 +32,15 @@ class BlipNLVRConfig:
     pretrained: Optional[str] = None         # path or URL: BLIP pre-trained or NLVR fine-tuned checkpoint
 
 
+# The original (BLIP models/nlvr_encoder.py: `merge=(is_cross_attention and layer_num>=6)`) merges the two image
+# attentions with a learned layer from text layer 6 on, whatever the depth: BERT-base's 12 layers split in halves,
+# a 4-layer encoder has no merge layer.
+MERGE_FROM_LAYER = 6
+
+
 class TwinSelfOutput(nn.Module):
-    """Joins the two image attentions: (dense0(ctx0) + dense1(ctx1)) / 2 in the first half of the layers,
-    merge_layer(cat[dense0(ctx0), dense1(ctx1)]) in the second; then dropout, residual, the shared LayerNorm."""
+    """Joins the two image attentions: (dense0(ctx0) + dense1(ctx1)) / 2 in layers before MERGE_FROM_LAYER,
+    merge_layer(cat[dense0(ctx0), dense1(ctx1)]) from it on; then dropout, residual, the shared LayerNorm."""
 
     def __init__(self, config, merge):
         super().__init__()
@@ -75,7 +81,7 @@ class BlipNLVR(nn.Module):
         config = TextConfig(vocab_size=vocab_size, encoder_width=self.visual_encoder.embed_dim,
                             **TEXT_SIZES[text_size])
         self.text_encoder = BertModel(
-            config, lambda cfg, i: TwinCrossAttention(cfg, merge=i >= cfg.num_hidden_layers // 2))
+            config, lambda cfg, i: TwinCrossAttention(cfg, merge=i >= MERGE_FROM_LAYER))
         hidden = config.hidden_size
         self.cls_head = nn.Sequential(nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, 2))
         self.enc_token_id = enc_token_id

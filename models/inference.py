@@ -75,19 +75,15 @@ def load_model_and_preprocess(config, checkpoint=None, device="cpu"):
                                                                          device)
 
 
+MODELS = {"blip_nlvr": blip_nlvr, "blip2_qformer": blip2_qformer, "blip2_opt": blip2_opt}
+
+
 def load_model(cfg, checkpoint):
-    """(model, tokenizer) of a BlipNLVRConfig, Blip2QformerConfig or Blip2OPTConfig with the weights of
-    `checkpoint`; a Blip2OPT's frozen parts come from the files its config names."""
-    if cfg.arch == "blip_nlvr":
-        model, tokenizer = blip_nlvr.create_model(cfg)
-        blip_nlvr.load_checkpoint(model, checkpoint)
-    elif cfg.arch == "blip2_qformer":
-        model, tokenizer = blip2_qformer.create_model(cfg, load_bert=False)
-        blip2_qformer.load_checkpoint(model, checkpoint)
-    else:
-        model, tokenizer = blip2_opt.create_model(cfg)  # loads model.pretrained: the frozen encoder may be there
-        if checkpoint != cfg.pretrained:
-            blip2_opt.load_checkpoint(model, checkpoint)
+    """(model, tokenizer) of a BlipNLVRConfig, Blip2QformerConfig or Blip2OPTConfig: its module's create_model
+    (the architecture and the frozen parts from the files the config names), then the weights of `checkpoint`."""
+    module = MODELS[cfg.arch]
+    model, tokenizer = module.create_model(cfg)
+    module.load_checkpoint(model, checkpoint)
     return model, tokenizer
 
 

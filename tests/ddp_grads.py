@@ -35,7 +35,7 @@ def main():
     model.eval()
     dataset = NLVRDataset(cfg.data.train_file, cfg.data.image_root, eval_transform(cfg.model.image_size))
     loader = train_loader(dataset, args.batch_size, num_workers=0, seed=cfg.train.seed)
-    loader.sampler.set_epoch(0)
+    loader.batch_sampler.set_position(0)
     ddp_model = wrap_ddp(model, device, cfg.train)  # kept referenced: its reducer averages the gradients in backward
     loss = nlvr_loss(ddp_model, next(iter(loader)), tokenizer, device)["loss"]
     loss.backward()

@@ -71,8 +71,8 @@ def nlvr_forward(sd, image0, image1, input_ids, attention_mask, vit_heads, text_
                      f"{p}.crossattention.output.dense0")
         h1 = _linear(_bert_attention(x, image1_embeds, sd, f"{p}.crossattention.self1", text_heads), sd,
                      f"{p}.crossattention.output.dense1")
-        # The original merges from layer 6 of 12; the tiny test models keep that proportion.
-        if i >= layers // 2:
+        # The original's rule (BLIP models/nlvr_encoder.py: merge=(is_cross_attention and layer_num>=6)), at any depth.
+        if i >= 6:
             h = _linear(torch.cat([h0, h1], dim=-1), sd, f"{p}.crossattention.output.merge_layer")
         else:
             h = (h0 + h1) / 2

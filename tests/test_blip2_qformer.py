@@ -198,12 +198,12 @@ def test_frozen_vision_encoder_gets_no_gradient_and_ln_vision_does():
 def test_conversion_command_round_trips(tmp_path):
     state = tiny_stage1_model().state_dict()
     torch.save({"model": state}, tmp_path / "lavis.pth")
-    run_script("-m", "models.blip2_qformer", "to_hf", tmp_path / "lavis.pth", tmp_path / "hf.pth")
+    run_script("convert_checkpoint.py", "stage1", "to_hf", tmp_path / "lavis.pth", tmp_path / "hf.pth")
     hf, _ = hf_pair()
     converted = torch.load(tmp_path / "hf.pth", weights_only=True)
     hf.load_state_dict(converted, strict=False)
     assert set(converted) == {k for k in hf.state_dict() if not k.endswith("position_ids")}
-    run_script("-m", "models.blip2_qformer", "from_hf", tmp_path / "hf.pth", tmp_path / "back.pth",
+    run_script("convert_checkpoint.py", "stage1", "from_hf", tmp_path / "hf.pth", tmp_path / "back.pth",
                "--side", tmp_path / "hf.pth.side.pth")
     back = torch.load(tmp_path / "back.pth", weights_only=True)["model"]
     assert set(back) == {k for k in state if not k.endswith("position_ids")}

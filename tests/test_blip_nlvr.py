@@ -2,6 +2,7 @@ import pytest
 import torch
 
 from models.blip_nlvr import BlipNLVR, load_checkpoint
+from models.med import TEXT_SIZES
 from models.tokenizer import init_tokenizer
 from tests.reference_nlvr import nlvr_forward
 from utils import InputError
@@ -31,11 +32,18 @@ def to_reference(model, image0, image1, ids, mask, vit_heads, text_heads):
     return nlvr_forward(model.state_dict(), image0, image1, ids, mask, vit_heads, text_heads, model.enc_token_id)
 
 
-@pytest.mark.parametrize("size", ["tiny", "base"])
-def test_logits_equal_the_original_computation(size):
+@pytest.fixture
+def text_depths(monkeypatch):
+    """Text encoders "tiny2", "tiny8" of 2 and 8 layers beside "tiny" (4) and "base" (12)."""
+    for layers in (2, 8):
+        monkeypatch.setitem(TEXT_SIZES, f"tiny{layers}", {**TEXT_SIZES["tiny"], "num_hidden_layers": layers})
+
+
+@pytest.mark.parametrize("size, text", [("tiny", "tiny"), ("tiny", "tiny8"), ("base", "base")])
+def test_logits_equal_the_original_computation(size, text, text_depths):
     image_size = 32 if size == "tiny" else 64
     vocab_size = 40 if size == "tiny" else 30524
-    model = make_model(image_size=image_size, vit=size, text=size, vocab_size=vocab_size)
+    model = make_model(image_size=image_size, vit=size, text=text, vocab_size=vocab_size)
     heads = 4 if size == "tiny" else 12
     x = inputs(image_size=image_size, vocab_size=vocab_size)
     with torch.no_grad():
@@ -44,13 +52,17 @@ def test_logits_equal_the_original_computation(size):
         torch.testing.assert_close(logits, to_reference(model, *x, heads, heads), atol=1e-5, rtol=0)
 
 
-def test_merge_layers_in_the_second_half():
-    model = make_model(vit="base", text="base", image_size=32, vocab_size=30524)
-    merge = [i for i in range(12) if f"text_encoder.encoder.layer.{i}.crossattention.output.merge_layer.weight"
+@pytest.mark.parametrize("text, layers", [("tiny2", 2), ("tiny", 4), ("tiny8", 8), ("base", 12)])
+def test_merge_layers_follow_the_original_rule(text, layers, text_depths):
+    model = make_model(vit="tiny", text=text, image_size=32, vocab_size=40)
+    merge = [i for i in range(layers) if f"text_encoder.encoder.layer.{i}.crossattention.output.merge_layer.weight"
              in model.state_dict()]
-    assert merge == list(range(6, 12))
-    assert model.state_dict()["text_encoder.encoder.layer.6.crossattention.output.merge_layer.weight"].shape == (
-        768, 1536)
+    # BLIP's nlvr_encoder.py: BertLayer(config, layer_num) with merge=(is_cross_attention and layer_num>=6)
+    assert merge == [i for i in range(layers) if i >= 6]
+    hidden = model.text_encoder.config.hidden_size
+    for i in merge:
+        assert model.state_dict()[f"text_encoder.encoder.layer.{i}.crossattention.output.merge_layer.weight"].shape \
+            == (hidden, 2 * hidden)
 
 
 def test_nlvr_layout_loads_strictly(tmp_path):
@@ -90,15 +102,16 @@ def pretrained_layout(model, image_size):
     return state
 
 
-def test_pretrained_layout_is_remapped(tmp_path, capsys):
-    source, target = make_model(seed=0, image_size=48), make_model(seed=1, image_size=48)
+def test_pretrained_layout_is_remapped(tmp_path, capsys, text_depths):
+    source = make_model(seed=0, image_size=48, text="tiny8")
+    target = make_model(seed=1, image_size=48, text="tiny8")
     state = pretrained_layout(source, image_size=32)
     torch.save({"model": state}, tmp_path / "model_base.pth")
     before = {k: v.clone() for k, v in target.state_dict().items()}
     unused = load_checkpoint(target, str(tmp_path / "model_base.pth"))
 
     loaded = target.state_dict()
-    for i in range(4):
+    for i in range(8):
         for part in ("query", "key", "value"):
             for suffix in ("weight", "bias"):
                 original = state[f"text_encoder.encoder.layer.{i}.crossattention.self.{part}.{suffix}"]
@@ -109,7 +122,7 @@ def test_pretrained_layout_is_remapped(tmp_path, capsys):
             torch.testing.assert_close(loaded[f"text_encoder.encoder.layer.{i}.crossattention.output.{twin}.weight"],
                                        state[f"text_encoder.encoder.layer.{i}.crossattention.output.dense.weight"])
     kept = [k for k in loaded if ".merge_layer." in k or k.startswith("cls_head.")]
-    assert len(kept) == 2 * 2 + 4  # merge_layer in layers 2 and 3 of the tiny encoder, cls_head
+    assert len(kept) == 2 * 2 + 4  # merge_layer of text layers 6 and 7, cls_head
     for key in kept:
         torch.testing.assert_close(loaded[key], before[key])
     pos = loaded["visual_encoder.pos_embed"]

@@ -138,7 +138,7 @@ def test_qformer_decoder_captions_equal_an_independent_computation(demo_data, st
     checkpoint, config = out / "checkpoint_best.pth", qformer_caption_config(tmp_path, demo_data)
     eval_caption.main(eval_args(config, tmp_path / "eval", checkpoint))
 
-    model, tokenizer = create_model(load_config(str(config), eval_caption.CaptionConfig).model, load_bert=False)
+    model, tokenizer = create_model(load_config(str(config), eval_caption.CaptionConfig).model)
     load_checkpoint(model, str(checkpoint))
     model.eval()
     test_file = str(demo_data / "coco_karpathy_test.json")

@@ -8,6 +8,7 @@ reaching the CPU dispatch. Loader keys: what DataLoader accepts, and persistent 
 wrap_ddp with one process: the model itself, or a torch.compile wrapper around it (never run: compiling is slow).
 """
 
+import argparse
 import copy
 
 import pytest
@@ -18,8 +19,9 @@ from torch.utils.data import DataLoader, TensorDataset
 import models.blip2_qformer as blip2_qformer
 from data.loader import LoaderConfig, train_loader
 from tests.stage1_ddp import global_batch
-from utils import (InputError, TrainConfig, attention_kernels, build_optimizer, build_scheduler, get_rng_state, grad_scaler,
-                   restore_training_state, unwrap, wrap_ddp)
+from tests.test_train_loop import ToyConfig
+from utils import (Autocast, InputError, Run, TrainConfig, attention_kernels, build_optimizer, restore,
+                   training_state, train_state, unwrap, wrap_ddp)
 
 CHOICES = ["auto", "math", "flash", "efficient", "cudnn"]
 
@@ -124,30 +126,28 @@ def test_fused_adamw_updates_as_the_for_each_adamw_and_by_hand():
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
     not torch.cuda.is_available(), reason="no GPU"))])
 @pytest.mark.parametrize("saved_fused", [False, True])
-def test_resuming_keeps_the_configs_fused_flag_and_the_optimizer_state(saved_fused, device):
+def test_resuming_keeps_the_configs_fused_flag_and_the_optimizer_state(saved_fused, device, tmp_path):
     """A checkpoint of one AdamW kind restored into the other: the config's kind stays, the moments come along,
     and the next step is the one the saved optimizer takes."""
     def setup(fused):
-        model = small_model().to(device)
-        cfg = TrainConfig(lr=1e-2, fused_adamw=fused)
-        optimizer = build_optimizer(model, cfg)
-        return model, optimizer, build_scheduler(optimizer, cfg, 10), grad_scaler(torch.device(device), cfg.amp)
+        cfg = ToyConfig(train=TrainConfig(lr=1e-2, fused_adamw=fused))
+        args = argparse.Namespace(output_dir=str(tmp_path), resume="yes", allow_changes=[])
+        return train_state(Run(args, cfg, torch.device(device), Autocast(torch.device(device), "fp32")),
+                           small_model().to(device))
 
-    model, optimizer, scheduler, scaler = setup(saved_fused)
-    step_with_fixed_grads(model, optimizer, 2)
-    scheduler.step()
-    ckpt = {"model": copy.deepcopy(model.state_dict()), "optimizer": copy.deepcopy(optimizer.state_dict()),
-            "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "rng": [get_rng_state()],
-            "epoch": 2, "best_metric": 0.5, "config": {"train": {"seed": 0}}}
-    resumed, resumed_optimizer, resumed_scheduler, resumed_scaler = setup(not saved_fused)
-    assert restore_training_state(ckpt, resumed, resumed_optimizer, resumed_scheduler, resumed_scaler) == (3, 0.5)
-    assert [bool(g["fused"]) for g in resumed_optimizer.param_groups] == [not saved_fused]
+    saved = setup(saved_fused)
+    step_with_fixed_grads(saved.model, saved.optimizer, 2)
+    saved.step = 2
+    torch.save(training_state(saved), tmp_path / "last.pth")
+    resumed = setup(not saved_fused)
+    restore(resumed, str(tmp_path / "last.pth"))
+    assert resumed.step == 2
+    assert [bool(g["fused"]) for g in resumed.optimizer.param_groups] == [not saved_fused]
     if not saved_fused:  # the fused kernel keeps `step` with the parameter (a CUDA tensor on GPU)
-        assert all(s["step"].device == p.device for p, s in resumed_optimizer.state.items())
-    assert resumed_scheduler.last_epoch == 1
-    step_with_fixed_grads(model, optimizer, 1, seed=1)
-    step_with_fixed_grads(resumed, resumed_optimizer, 1, seed=1)
-    for ours, theirs in zip(resumed.parameters(), model.parameters()):
+        assert all(s["step"].device == p.device for p, s in resumed.optimizer.state.items())
+    step_with_fixed_grads(saved.model, saved.optimizer, 1, seed=1)
+    step_with_fixed_grads(resumed.model, resumed.optimizer, 1, seed=1)
+    for ours, theirs in zip(resumed.model.parameters(), saved.model.parameters()):
         torch.testing.assert_close(ours, theirs, atol=1e-6, rtol=0)
 
 
@@ -216,7 +216,7 @@ def two_epochs(workers, persistent):
     loader = train_loader(TensorDataset(torch.arange(22)), 4, seed=0, **kwargs)
     epochs = []
     for epoch in range(2):
-        loader.sampler.set_epoch(epoch)
+        loader.batch_sampler.set_position(epoch)
         epochs.append([b[0].tolist() for b in loader])
     return epochs
 

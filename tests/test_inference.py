@@ -76,6 +76,14 @@ def nlvr(demo_data, tmp_path_factory):
     fields = dict(arch="blip_nlvr", vit="tiny", image_size=SIZE, text_encoder="tiny",
                   tokenizer=str(demo_data / "tokenizer"))
     ref, config, ckpt = build(blip_nlvr, blip_nlvr.BlipNLVRConfig, fields, tmp_path_factory.mktemp("n"))
+    # The random model says "true" to everything: shift its "true" logit by the median margin so both answers occur.
+    tokenizer = init_tokenizer(str(demo_data / "tokenizer"))
+    entries = json.loads((demo_data / "nlvr_dev.json").read_text())[:4]
+    probabilities = [nlvr_probability(ref, tokenizer, *(str(demo_data / p) for p in e["images"]), e["sentence"])
+                     for e in entries]
+    with torch.no_grad():
+        ref.cls_head[2].bias[1] -= torch.tensor(probabilities).logit().median()
+    torch.save({"model": ref.state_dict()}, ckpt)
     return ref, config, ckpt, load(config, ckpt)
 
 

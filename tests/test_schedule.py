@@ -1,9 +1,8 @@
 import math
 
 import pytest
-import torch
 
-from utils import InputError, TrainConfig, accumulation_steps, build_scheduler, lr_at_step
+from utils import InputError, TrainConfig, accumulation_steps, check_schedule, lr_at_step, total_steps
 
 
 def test_per_step_warmup_then_cosine():
@@ -34,23 +33,22 @@ def test_per_epoch_cosine_with_lavis_warmup():
     assert lr_at_step(100, 100, cfg) == pytest.approx(1e-5 + (1e-4 - 1e-5) * 0.5 * (1 + math.cos(math.pi / 10)))
 
 
-def test_scheduler_sets_the_optimizer_lr_each_step():
-    cfg = TrainConfig(epochs=3, lr=2e-4, min_lr=1e-6, warmup_steps=4, lr_schedule="cosine")
-    param = torch.nn.Parameter(torch.zeros(1))
-    optimizer = torch.optim.SGD([param], lr=cfg.lr)
-    scheduler = build_scheduler(optimizer, cfg, steps_per_epoch=5)
-    seen = []
-    for _ in range(15):
-        seen.append(optimizer.param_groups[0]["lr"])
-        optimizer.step()
-        scheduler.step()
-    assert seen == pytest.approx([lr_at_step(s, 5, cfg) for s in range(15)])
+def test_max_steps_plans_the_cosine_over_the_steps():
+    cfg = TrainConfig(epochs=99, max_steps=110, lr=1e-3, min_lr=1e-5, warmup_steps=10, lr_schedule="cosine")
+    assert total_steps(cfg, 55) == 110
+    assert lr_at_step(60, 55, cfg) == pytest.approx((1e-3 + 1e-5) / 2)  # half way through the 100 decay steps
+    assert lr_at_step(110, 55, cfg) == pytest.approx(1e-5)
+    assert total_steps(TrainConfig(epochs=3), 7) == 21
 
 
-def test_an_epoch_needs_at_least_one_step():
-    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
-    with pytest.raises(InputError, match="smaller than one optimiser step"):
-        build_scheduler(optimizer, TrainConfig(), steps_per_epoch=0)
+@pytest.mark.parametrize("cfg, steps_per_epoch, message", [
+    (TrainConfig(), 0, "smaller than one optimiser step"),
+    (TrainConfig(lr=-1e-4), 5, "train.lr must be positive"),
+    (TrainConfig(max_steps=10, lr_schedule="cosine_epoch"), 5, "cosine_epoch is planned in epochs"),
+])
+def test_schedules_that_cannot_run_are_refused(cfg, steps_per_epoch, message):
+    with pytest.raises(InputError, match=message):
+        check_schedule(cfg, steps_per_epoch)
 
 
 def test_accumulation_steps(monkeypatch):

@@ -19,13 +19,13 @@ def test_train_then_evaluate(demo_data, tmp_path):
     log = read_log(out)
     assert [entry["epoch"] for entry in log] == [0, 1]
     assert all(isinstance(v, (int, float)) for entry in log for v in entry.values())
-    assert set(log[0]) == {"epoch", "train_loss", "train_lr", "val_acc", "test_acc"}
+    assert set(log[0]) == {"epoch", "step", "train_loss", "train_lr", "val_acc", "test_acc"}
     assert "lr: 1e-3" not in (out / "config.yaml").read_text() and "lr: 0.001" in (out / "config.yaml").read_text()
 
     best = torch.load(out / "checkpoint_best.pth", weights_only=True)
     last = torch.load(out / "checkpoint_last.pth", weights_only=True)
-    assert last["epoch"] == 1 and last["step"] == 2 * 4  # 32 examples / batch 8 per epoch
-    assert set(last) >= {"model", "optimizer", "scheduler", "scaler", "rng", "config", "best_metric"}
+    assert last["step"] == 2 * 4 and last["position"] == {"epoch": 2, "batch": 0}  # 32 examples / batch 8
+    assert set(last) >= {"model", "optimizer", "scaler", "rng", "config", "best_metric", "meters"}
     best_entry = max(log, key=lambda e: e["val_acc"])  # the first of equals
     assert best["epoch"] == best_entry["epoch"] and best["val_acc"] == best_entry["val_acc"]
 
@@ -64,7 +64,7 @@ def test_resume_drops_log_lines_of_epochs_without_checkpoint(demo_data, tmp_path
     with open(out / "log.txt", "a") as f:  # as if the run died between its log line and its checkpoint
         f.write(json.dumps({"epoch": 1, "val_acc": 0.0}) + "\n")
     train_nlvr.main(["--config", str(config), "--output_dir", str(out), "--device", "cpu", "--resume",
-                     "--options", "train.epochs=2"])
+                     "--allow_changes", "train.epochs", "--options", "train.epochs=2"])
     assert [entry["epoch"] for entry in read_log(out)] == [0, 1] and read_log(out)[1]["val_acc"] != 0.0
 
 
@@ -90,10 +90,10 @@ def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(demo_data, tmp_path
     with pytest.raises(FloatingPointError) as err:
         train(config, out)
     message = str(err.value)
-    assert "non-finite loss at epoch 1, iteration 0: loss=inf" in message
-    assert "checkpoint_last.pth (epoch 0) is left as it was" in message and "train.lr" in message
+    assert "non-finite loss at epoch 1, iteration 0 (step 4): loss=inf" in message
+    assert "checkpoint_last.pth is left as it was" in message and "train.lr" in message
     assert (out / "checkpoint_last.pth").read_bytes() == epoch_0_checkpoint[0]
-    assert torch.load(out / "checkpoint_last.pth", weights_only=True)["epoch"] == 0
+    assert torch.load(out / "checkpoint_last.pth", weights_only=True)["position"]["epoch"] == 1
     assert len(read_log(out)) == 1
 
 
