@@ -15,18 +15,17 @@ Evaluation (`RetrievalDataset`): Karpathy val/test, [{"image", "caption": [str, 
     coco_karpathy_test_gt.json (same site), keyed by the image ids that `RetrievalDataset.image_ids` gives.
 """
 
-import json
 import os
 import re
 from dataclasses import dataclass, field
 from typing import Optional
 
-from PIL import Image
 from torch.utils.data import Dataset
 
 from data.loader import LoaderConfig
 from data.transforms import eval_transform, train_transform
-from data.utils import check_image_files, pre_caption, read_annotation
+from data.utils import (FIRST, check_image_files, drop_empty_texts, load_image, pre_caption, read_annotation,
+                        read_entries)
 from utils import InputError, log
 
 
@@ -60,18 +59,19 @@ class CaptionDataset(Dataset):
 
     image_id numbers the distinct images 0..num_images-1 in first-seen order over all sources. Captions of one
     image share its id; the same raw id in two sources is two images (COCO's "coco_1" and a custom file's "coco_1"
-    are unrelated).
+    are unrelated). Captions empty after cleaning are an InputError, or with `skip_empty_text` skipped with a
+    warning; `image_check`: see data.utils.check_image_files.
     """
 
-    def __init__(self, sources, transform, max_words=50, skip_missing_images=False):
+    def __init__(self, sources, transform, max_words=50, skip_missing_images=False, *, skip_empty_text=False,
+                 image_check="decode"):
         if not sources:
             raise InputError("CaptionDataset needs at least one annotation file")
         self.entries, ids = [], {}
         for number, source in enumerate(sources):
-            for entry in _read_source(source, skip_missing_images):
+            for entry in _read_source(source, max_words, skip_missing_images, skip_empty_text, image_check):
                 key = (number, entry.pop("raw_id"))
                 entry["image_id"] = ids.setdefault(key, len(ids))
-                entry["caption"] = pre_caption(entry["caption"], max_words)
                 self.entries.append(entry)
         self.num_images, self.transform = len(ids), transform
 
@@ -80,7 +80,8 @@ class CaptionDataset(Dataset):
 
     def __getitem__(self, index):
         entry = self.entries[index]
-        return self.transform(Image.open(entry["image"]).convert("RGB")), entry["caption"], entry["image_id"]
+        image = load_image(entry["image"], index, entry["ann_file"])
+        return self.transform(image), entry["caption"], entry["image_id"]
 
 
 def caption_train_set(data_cfg, image_size):
@@ -108,26 +109,27 @@ class RetrievalDataset(Dataset):
     -> 391895, Flickr's "1000092795.jpg" -> 1000092795), else the image path as written.
     """
 
-    def __init__(self, ann_file, image_root, transform, max_words=30):
+    def __init__(self, ann_file, image_root, transform, max_words=30, *, image_check="decode"):
         entries = [_parse_eval_entry(entry, f"{ann_file}[{i}]") for i, entry in enumerate(read_annotation(ann_file))]
         if not entries:
             raise InputError(f"{ann_file} has no examples")
-        self.image_paths = [os.path.join(image_root, entry["image"]) for entry in entries]
-        check_image_files(self.image_paths, lambda path: [path], ann_file, image_root, skip_missing=False,
-                          skippable=False)
         self.image_ids = _unique_image_ids(entries, ann_file)
         self.text, self.img2txt, self.txt2img = [], [], []
         for image, entry in enumerate(entries):
             self.img2txt.append(list(range(len(self.text), len(self.text) + len(entry["caption"]))))
             self.txt2img += [image] * len(entry["caption"])
             self.text += [pre_caption(caption, max_words) for caption in entry["caption"]]
-        self.transform = transform
+        _check_eval_texts(self.text, self.img2txt, ann_file)
+        self.image_paths = [os.path.join(image_root, entry["image"]) for entry in entries]
+        check_image_files(self.image_paths, lambda path: [path], ann_file, image_root, skip_missing=False,
+                          skippable=False, image_check=image_check)
+        self.ann_file, self.transform = ann_file, transform
 
     def __len__(self):
         return len(self.image_paths)
 
     def __getitem__(self, index):
-        return self.transform(Image.open(self.image_paths[index]).convert("RGB")), index
+        return self.transform(load_image(self.image_paths[index], index, self.ann_file)), index
 
 
 def eval_sets(data_cfg, image_size):
@@ -137,43 +139,27 @@ def eval_sets(data_cfg, image_size):
             for split, path in files.items() if path}
 
 
-def _read_source(source, skip_missing_images):
-    """The usable entries of one source: {"image": full path, "caption", "raw_id"}."""
-    entries = [_parse_train_entry(entry, where, source.image_root) for where, entry in _read_entries(source.ann_file)]
+def _read_source(source, max_words, skip_missing_images, skip_empty_text, image_check):
+    """The usable entries of one source: {"image": full path, "caption" (cleaned), "raw_id", "ann_file"}."""
+    placed = [(where, _parse_train_entry(entry, where, source, max_words))
+              for where, entry in read_entries(source.ann_file)]
+    entries = drop_empty_texts(placed, "caption", source.ann_file, skip_empty_text)
     entries = check_image_files(entries, lambda e: [e["image"]], source.ann_file, source.image_root,
-                                skip_missing_images)
+                                skip_missing_images, image_check=image_check)
     if not entries:
         raise InputError(f"{source.ann_file} has no usable examples")
     return entries
 
 
-def _read_entries(path):
-    """[(where, entry)], `where` naming the entry for error messages: file[index], or file line n for JSONL."""
-    if not path.endswith(".jsonl"):
-        return [(f"{path}[{i}]", entry) for i, entry in enumerate(read_annotation(path))]
-    try:
-        with open(path, encoding="utf-8") as f:
-            lines = list(f)
-    except FileNotFoundError:
-        raise InputError(f"annotation file {path} does not exist") from None
-    entries = []
-    for number, line in enumerate(lines, 1):
-        if line.strip():  # blank lines, such as a trailing one, hold no entry
-            try:
-                entries.append((f"{path} line {number}", json.loads(line)))
-            except json.JSONDecodeError as e:
-                raise InputError(f"{path} line {number} is not valid JSON: {e}") from None
-    return entries
-
-
-def _parse_train_entry(entry, where, image_root):
+def _parse_train_entry(entry, where, source, max_words):
     _check_fields(entry, where, "image, caption[, image_id]")
     if not isinstance(entry["caption"], str):
         raise InputError(f"{where}: 'caption' must be a string; got {entry['caption']!r:.80}")
     raw_id = entry.get("image_id", entry["image"])
     if isinstance(raw_id, bool) or not isinstance(raw_id, (str, int)):
         raise InputError(f"{where}: 'image_id' must be a string or an integer; got {raw_id!r:.80}")
-    return {"image": os.path.join(image_root, entry["image"]), "caption": entry["caption"], "raw_id": raw_id}
+    return {"image": os.path.join(source.image_root, entry["image"]),
+            "caption": pre_caption(entry["caption"], max_words), "raw_id": raw_id, "ann_file": source.ann_file}
 
 
 def _parse_eval_entry(entry, where):
@@ -186,6 +172,22 @@ def _parse_eval_entry(entry, where):
     if image_id is not None and (isinstance(image_id, bool) or not isinstance(image_id, (str, int))):
         raise InputError(f"{where}: 'image_id' must be a string or an integer; got {image_id!r:.80}")
     return {"image": entry["image"], "caption": captions, "image_id": image_id}
+
+
+def _check_eval_texts(texts, img2txt, ann_file):
+    """An image all of whose captions are empty after cleaning is an InputError: text-to-image retrieval has no
+    query for it and image-to-text recall no rank. Single empty captions are kept with a warning, as the original
+    evaluation keeps them: the texts stay the file's, so recall compares with other evaluations of that file."""
+    silent = [f"{ann_file}[{image}]" for image, captions in enumerate(img2txt) if not any(texts[t] for t in captions)]
+    if silent:
+        raise InputError(f"{ann_file}: {len(silent)} images have only captions that are empty after cleaning "
+                         f"(pre_caption), e.g. {', '.join(silent[:FIRST])}; an evaluation image needs a caption: "
+                         "write one or remove the entries")
+    empty = [f"{ann_file}[{image}] caption {t - captions[0]}" for image, captions in enumerate(img2txt)
+             for t in captions if not texts[t]]
+    if empty:
+        log(f"warning: {ann_file}: {len(empty)} of {len(texts)} captions are empty after cleaning, e.g. "
+            f"{', '.join(empty[:FIRST])}; kept (as the original evaluation does), they count as retrieval queries")
 
 
 def _check_fields(entry, where, expected):

@@ -4,10 +4,9 @@
 import os
 
 import torch
-from PIL import Image
 from torch.utils.data import Dataset
 
-from data.utils import check_image_files, pre_caption, read_annotation
+from data.utils import check_image_files, drop_empty_texts, load_image, pre_caption, read_entries
 from utils import InputError
 
 ANNOTATION_URLS = {
@@ -23,24 +22,26 @@ class NLVRDataset(Dataset):
 
     With `train`, each item is swapped with probability 1/2: the images change places and `left` and `right`
     trade places in the sentence, so the statement stays true or false (the original's augmentation). Without
-    `train`, items are deterministic.
+    `train`, items are deterministic. Sentences empty after cleaning are an InputError, or with `skip_empty_text`
+    skipped with a warning; `image_check`: see data.utils.check_image_files.
     """
 
-    def __init__(self, ann_file, image_root, transform, max_words=40, train=False, skip_missing_images=False):
-        entries = [_parse_entry(entry, ann_file, i, image_root) for i, entry in enumerate(read_annotation(ann_file))]
-        self.entries = check_image_files(entries, lambda e: e["images"], ann_file, image_root, skip_missing_images)
+    def __init__(self, ann_file, image_root, transform, max_words=40, train=False, skip_missing_images=False, *,
+                 skip_empty_text=False, image_check="decode"):
+        placed = [(where, _parse_entry(entry, where, image_root, max_words)) for where, entry in read_entries(ann_file)]
+        entries = drop_empty_texts(placed, "sentence", ann_file, skip_empty_text)
+        self.entries = check_image_files(entries, lambda e: e["images"], ann_file, image_root, skip_missing_images,
+                                         image_check=image_check)
         if not self.entries:
             raise InputError(f"{ann_file} has no usable examples")
-        for entry in self.entries:
-            entry["sentence"] = pre_caption(entry["sentence"], max_words)
-        self.transform, self.train = transform, train
+        self.ann_file, self.transform, self.train = ann_file, transform, train
 
     def __len__(self):
         return len(self.entries)
 
     def __getitem__(self, index):
         entry = self.entries[index]
-        image0, image1 = (self.transform(Image.open(path).convert("RGB")) for path in entry["images"])
+        image0, image1 = (self.transform(load_image(path, index, self.ann_file)) for path in entry["images"])
         sentence = entry["sentence"]
         if self.train and torch.rand(()) < 0.5:
             image0, image1, sentence = image1, image0, swap_left_right(sentence)
@@ -52,8 +53,7 @@ def swap_left_right(sentence):
     return " ".join(swap.get(word, word) for word in sentence.split(" "))
 
 
-def _parse_entry(entry, ann_file, index, image_root):
-    where = f"{ann_file}[{index}]"
+def _parse_entry(entry, where, image_root, max_words):
     if not isinstance(entry, dict):
         raise InputError(f"{where}: expected an object with images, sentence, label; got {entry!r:.80}")
     for field in ("images", "sentence", "label"):
@@ -69,5 +69,5 @@ def _parse_entry(entry, ann_file, index, image_root):
         label = str(label)
     if label not in LABELS:
         raise InputError(f'{where}: \'label\' must be "True" or "False"; got {entry["label"]!r}')
-    return {"images": [os.path.join(image_root, p) for p in images], "sentence": entry["sentence"],
-            "label": LABELS[label]}
+    return {"images": [os.path.join(image_root, p) for p in images],
+            "sentence": pre_caption(entry["sentence"], max_words), "label": LABELS[label]}
