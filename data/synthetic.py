@@ -19,8 +19,17 @@ writes, deterministically from `--seed`:
                                               show the same, so one caption identifies its image
     coco_karpathy_val_gt.json, coco_karpathy_test_gt.json
                                               the same captions as COCO caption ground truth (pycocotools' COCO)
+    vqa_{train,val,test}_questions.json       VQAv2's official layout over the caption images, about 3 questions per
+    vqa_{train,val}_annotations.json          image (colour, shape, counts, position, yes/no), each with 10 human
+                                              answers that mostly agree (variants that the VQA normalisation maps
+                                              together, a second defensible answer, mistakes); test has questions
+                                              only, like test-dev. The image ids are those of the caption file names:
+                                              read them with image_template
+                                              "images/caption_{split}/synthetic_{image_id:012d}.png"
     scenes.json                               image path -> the objects it shows
-    tokenizer/vocab.txt                       a WordPiece vocabulary covering every word written
+    tokenizer/vocab.txt                       a WordPiece vocabulary covering every word of the NLVR and caption
+                                              files (not the VQA ones: adding words would change the demo models'
+                                              vocabulary, and with it their initialisation)
 """
 
 import argparse
@@ -185,13 +194,15 @@ def captions(rng, scene, num):
 
 
 def write_captions(output_dir, splits, captions_per_train_image, size, rng, scene_index):
-    """The caption splits, `splits` being [(split, number of images)]; returns every caption written."""
-    texts, next_id = [], 1
+    """The caption splits, `splits` being [(split, number of images)]; returns every caption written and
+    {split: (image ids, scenes)}."""
+    texts, next_id, split_scenes = [], 1, {}
     for split, num in splits:
         ids = list(range(next_id, next_id + num))
         next_id += num
         # Repeated scenes would make retrieval ambiguous; training may repeat them, as real data does.
         scenes = caption_scenes(rng, num, distinct=split != "train")
+        split_scenes[split] = ids, scenes
         paths = [f"images/caption_{split}/synthetic_{i:012d}.png" for i in ids]
         write_images(output_dir, paths, scenes, size, rng, scene_index)
         per_image = [captions(rng, scene, captions_per_train_image if split == "train" else 5) for scene in scenes]
@@ -202,7 +213,7 @@ def write_captions(output_dir, splits, captions_per_train_image, size, rng, scen
         else:
             write_caption_eval(output_dir, split, paths, ids, per_image)
         texts += [caption for image_captions in per_image for caption in image_captions]
-    return texts
+    return texts, split_scenes
 
 
 def write_caption_eval(output_dir, split, paths, ids, per_image):
@@ -216,6 +227,138 @@ def write_caption_eval(output_dir, split, paths, ids, per_image):
                 "images": [{"id": i} for i in ids]})
 
 
+# VQA questions about a caption scene. Each kind of question gives (question, answer, second defensible answer or
+# None, question_type, answer_type), or None where the scene cannot answer it. Question types are VQAv2's: the
+# longest of its 65 question openings that begins the question ("what shape ..." is of type "what").
+SHAPE_SYNONYMS = {"circle": "dot", "square": "rectangle", "triangle": "pyramid"}
+COLOR_SYNONYMS = {"red": "crimson", "green": "lime", "blue": "royal blue", "yellow": "gold"}
+CELL_SYNONYMS = {"top left": "upper left", "top right": "upper right", "bottom left": "lower left",
+                 "bottom right": "lower right"}
+NUMBER_NAMES = ("zero", "one", "two", "three")  # a scene has at most three things
+
+
+def ask_color(rng, scene):
+    thing = rng.choice(scene)
+    place = "" if [t.shape for t in scene].count(thing.shape) == 1 else f" at the {CELL_NAMES[cell_of(thing)]}"
+    return (f"what color is the {thing.shape}{place}?", thing.color, COLOR_SYNONYMS[thing.color],
+            "what color is the", "other")
+
+
+def ask_shape(rng, scene):
+    thing = rng.choice(scene)
+    return (f"what shape is at the {CELL_NAMES[cell_of(thing)]}?", thing.shape, SHAPE_SYNONYMS[thing.shape], "what",
+            "other")
+
+
+def ask_count(rng, scene):
+    return "how many shapes are there?", str(len(scene)), None, "how many", "number"
+
+
+def ask_color_count(rng, scene):
+    """About a colour of the scene or, half the time, one it lacks (answer 0), so that 0 is as common as not."""
+    present = sorted({t.color for t in scene})
+    absent = [c for c in COLORS if c not in present]
+    color = rng.choice(present if rng.random() < 0.5 else absent)
+    return (f"how many {color} shapes are there?", str(sum(t.color == color for t in scene)), None, "how many",
+            "number")
+
+
+def ask_position(rng, scene):
+    kinds = [(t.color, t.shape) for t in scene]
+    unique = [t for t in scene if kinds.count((t.color, t.shape)) == 1]
+    if not unique:
+        return None
+    thing = rng.choice(unique)
+    cell = CELL_NAMES[cell_of(thing)]
+    return f"where is the {thing.color} {thing.shape}?", cell, CELL_SYNONYMS[cell], "where is the", "other"
+
+
+def ask_presence(rng, scene):
+    """About a thing of the scene or, half the time, a colour and shape it lacks: the question alone says
+    nothing."""
+    present = {(t.color, t.shape) for t in scene}
+    answer = rng.random() < 0.5
+    pool = sorted(present) if answer else [(c, s) for c in COLORS for s in SHAPES if (c, s) not in present]
+    color, shape = rng.choice(pool)
+    return f"is there a {color} {shape}?", "yes" if answer else "no", None, "is there a", "yes/no"
+
+
+QUESTION_KINDS = (ask_color, ask_shape, ask_count, ask_color_count, ask_position, ask_presence)
+
+
+def answer_variants(answer, answer_type):
+    """Ways of writing `answer` that the VQA normalisation maps to it: case, final period, article, number word,
+    hyphen."""
+    variants = [answer.capitalize(), answer + "."]
+    if answer_type == "number":
+        variants.append(NUMBER_NAMES[int(answer)])
+    elif answer in SHAPES:
+        variants.append("a " + answer)
+    elif answer in CELL_NAMES:
+        variants += ["the " + answer, answer.replace(" ", "-")]
+    return variants
+
+
+def human_answers(rng, answer, alternative, mistakes, answer_type):
+    """Ten annotators' {"answer", "answer_confidence", "answer_id"}: the answer as written, one of its variants,
+    the second defensible answer (for a few of them, on some questions) or a plain mistake, at rates that vary per
+    question, so that some questions get ten identical answers."""
+    variant_rate, mistake_rate = rng.choice((0.0, 0.2, 0.4)), rng.choice((0.0, 0.05, 0.15))
+    num_alternative = rng.choice((0, 0, 1, 2, 3)) if alternative else 0
+    written = []
+    for n in range(10):
+        if n < num_alternative:
+            written.append((alternative, "maybe"))
+        elif rng.random() < mistake_rate:
+            written.append((rng.choice(mistakes), "maybe"))
+        elif rng.random() < variant_rate:
+            written.append((rng.choice(answer_variants(answer, answer_type)), "yes"))
+        else:
+            written.append((answer, "yes"))
+    rng.shuffle(written)
+    return [{"answer": a, "answer_confidence": confidence, "answer_id": n}
+            for n, (a, confidence) in enumerate(written, 1)]
+
+
+def wrong_answers(answer, answer_type):
+    """Plain mistakes for `answer`: the other answers of its kind."""
+    if answer_type == "yes/no":
+        return ["no" if answer == "yes" else "yes"]
+    if answer_type == "number":
+        return [str(n) for n in (int(answer) - 1, int(answer) + 1) if n >= 0]
+    for names in (tuple(COLORS), SHAPES, CELL_NAMES):
+        if answer in names:
+            return [name for name in names if name != answer]
+    raise ValueError(f"no mistakes known for {answer!r}")
+
+
+def vqa_split(rng, ids, scenes, questions_per_image):
+    """(questions, annotations) of VQAv2's official files over `scenes`, whose image ids are `ids`; question ids
+    are image id x 1000 + number, as in VQAv2."""
+    questions, annotations = [], []
+    for image_id, scene in zip(ids, scenes):
+        asked = [q for q in (kind(rng, scene) for kind in QUESTION_KINDS) if q]
+        for number, (question, answer, alternative, question_type, answer_type) in enumerate(
+                rng.sample(asked, min(questions_per_image, len(asked)))):
+            question_id = image_id * 1000 + number
+            questions.append({"image_id": image_id, "question": question, "question_id": question_id})
+            answers = human_answers(rng, answer, alternative, wrong_answers(answer, answer_type), answer_type)
+            annotations.append({"question_id": question_id, "image_id": image_id, "question_type": question_type,
+                                "answer_type": answer_type, "multiple_choice_answer": answer, "answers": answers})
+    return questions, annotations
+
+
+def write_vqa(output_dir, split_scenes, rng, questions_per_image):
+    """vqa_{split}_questions.json for every caption split and vqa_{split}_annotations.json but for test."""
+    for split, (ids, scenes) in split_scenes.items():
+        questions, annotations = vqa_split(rng, ids, scenes, questions_per_image)
+        header = {"data_type": "synthetic", "data_subtype": f"caption_{split}"}
+        write_json(output_dir, f"vqa_{split}_questions.json",
+                   {"task_type": "Open-Ended", **header, "questions": questions})
+        if split != "test":
+            write_json(output_dir, f"vqa_{split}_annotations.json", {**header, "annotations": annotations})
+
+
 def write_vocab(output_dir, texts):
     """BERT specials plus every lower-cased word and punctuation mark of `texts`, one per line."""
     words = sorted({w for text in texts for w in re.findall(r"\w+|[^\w\s]", text.lower())})
@@ -225,8 +368,9 @@ def write_vocab(output_dir, texts):
 
 
 def generate(output_dir, seed=0, num_train=5000, num_val=250, num_test=250, image_size=32, num_caption_train=4000,
-             num_caption_val=100, num_caption_test=100, captions_per_train_image=2):
-    """Write the demo dataset; `num_*` count NLVR sentence pairs (two examples each), `num_caption_*` images."""
+             num_caption_val=100, num_caption_test=100, captions_per_train_image=2, questions_per_image=3):
+    """Write the demo dataset; `num_*` count NLVR sentence pairs (two examples each), `num_caption_*` images, which
+    the VQA splits ask `questions_per_image` questions about."""
     if max(num_caption_val, num_caption_test) > DISTINCT_SCENES:
         raise ValueError(f"a caption val or test split can hold at most {DISTINCT_SCENES} distinct scenes")
     rng = random.Random(seed)
@@ -234,10 +378,13 @@ def generate(output_dir, seed=0, num_train=5000, num_val=250, num_test=250, imag
     for split, filename, num in (("train", "nlvr_train.json", num_train), ("dev", "nlvr_dev.json", num_val),
                                  ("test", "nlvr_test.json", num_test)):
         texts += write_nlvr(output_dir, split, filename, num, image_size, rng, scene_index)
-    # A generator of their own keeps the NLVR files the same whatever the caption splits hold.
-    texts += write_captions(output_dir, (("train", num_caption_train), ("val", num_caption_val),
-                                         ("test", num_caption_test)), captions_per_train_image, image_size,
-                            random.Random(f"captions-{seed}"), scene_index)
+    # Generators of their own keep the NLVR files the same whatever the caption splits hold, and the caption files
+    # the same as before the VQA splits existed.
+    caption_texts, split_scenes = write_captions(output_dir, (("train", num_caption_train), ("val", num_caption_val),
+                                                              ("test", num_caption_test)), captions_per_train_image,
+                                                 image_size, random.Random(f"captions-{seed}"), scene_index)
+    texts += caption_texts
+    write_vqa(output_dir, split_scenes, random.Random(f"vqa-{seed}"), questions_per_image)
     with open(os.path.join(output_dir, "scenes.json"), "w") as f:
         json.dump(scene_index, f)
     write_vocab(output_dir, texts)
@@ -255,9 +402,11 @@ def main():
     parser.add_argument("--num_caption_val", type=int, default=100)
     parser.add_argument("--num_caption_test", type=int, default=100)
     parser.add_argument("--captions_per_train_image", type=int, default=2)
+    parser.add_argument("--questions_per_image", type=int, default=3, help="VQA questions per caption image")
     args = parser.parse_args()
     generate(args.output_dir, args.seed, args.num_train, args.num_val, args.num_test, args.image_size,
-             args.num_caption_train, args.num_caption_val, args.num_caption_test, args.captions_per_train_image)
+             args.num_caption_train, args.num_caption_val, args.num_caption_test, args.captions_per_train_image,
+             args.questions_per_image)
     print(f"wrote the demo dataset to {args.output_dir}")
 
 
