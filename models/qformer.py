@@ -30,6 +30,7 @@ class QformerConfig(TextConfig):
     encoder_width: int = 1408          # width of the image features (EVA ViT-g)
     cross_attention_freq: int = 2      # layers 0, freq, 2 freq, ... cross-attend to the image
     text_input: bool = True            # False: queries only (stage 2): no word/position embeddings, text FFN, LM head
+    lm_head: bool = True               # with text_input; False: no `cls` head (InstructBLIP's Q-Former)
 
 
 QFORMER_SIZES = TEXT_SIZES
@@ -186,18 +187,20 @@ class BertLMPredictionHead(nn.Module):
 
 
 class Qformer(nn.Module):
-    """`Qformer.bert` (the encoder) and, with `text_input`, `Qformer.cls.predictions` (the LM head used for ITG and
-    captioning)."""
+    """`Qformer.bert` (the encoder) and, with `text_input` and `lm_head`, `Qformer.cls.predictions` (the LM head used
+    for ITG and captioning)."""
 
     def __init__(self, config):
         super().__init__()
         self.bert = QformerModel(config)
-        if config.text_input:
+        with_head = config.text_input and config.lm_head
+        if with_head:
             self.cls = nn.Module()
             self.cls.predictions = BertLMPredictionHead(config, self.bert.embeddings.word_embeddings)
         self.apply(init_bert_weights)
-        if config.text_input:
+        if with_head:
             nn.init.zeros_(self.cls.predictions.bias)
+        if config.text_input:
             copy_text_ffn_to_query_ffn(self)
 
     def lm_logits(self, hidden):
