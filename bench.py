@@ -48,7 +48,7 @@ from transformers import OPTConfig, OPTForCausalLM
 from data.loader import eval_loader
 from eval_caption import caption_function, generation_options
 from eval_retrieval import RetrievalConfig, retrieval_evaluator
-from models import blip2_opt
+from models import blip2_lm
 from models.inference import MODELS
 from train_blip2_stage1 import Stage1Config, stage1_loss
 from train_blip2_stage2 import Stage2Config, stage2_loss
@@ -146,7 +146,7 @@ def build_config(task, size, options, workdir):
     return load_config(files[size], schema, overrides + list(options))
 
 
-def random_opt(size, opt_precision, device):
+def random_opt(size, precision, device):
     """(OPTForCausalLM of OPT_SHAPES[size] with random weights, a byte-level BPE tokenizer with OPT's specials)."""
     tokenizer = build_demo_tokenizer([w + "\n" for w in WORDS])
     hidden, layers, heads, ffn = OPT_SHAPES[size]
@@ -155,7 +155,7 @@ def random_opt(size, opt_precision, device):
                        do_layer_norm_before=True, pad_token_id=tokenizer.pad_token_id,
                        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
     with torch.device(device):
-        model = OPTForCausalLM(config).to(DTYPES[opt_precision])
+        model = OPTForCausalLM(config).to(DTYPES[precision])
     return model, tokenizer
 
 
@@ -163,7 +163,8 @@ def build_model(task, cfg, size, device):
     """(model on `device`, tokenizer) of the config, with random weights: the trainers' create_model (stage 2
     with a random OPT of the size's shape in place of a downloaded one)."""
     if task == "stage2":
-        model, tokenizer = blip2_opt.create_model(cfg.model, random_opt(size, cfg.model.opt_precision, device))
+        lm = random_opt(size, cfg.model.lm_precision or "fp16", device)
+        model, tokenizer = blip2_lm.create_model(cfg.model, lm)
     else:
         model, tokenizer = MODELS[cfg.model.arch].create_model(cfg.model)
     return model.to(device), tokenizer
@@ -177,7 +178,8 @@ def train_batch(task, cfg, batch_size, generator):
         return images, torch.randn(batch_size, 3, size, size, generator=generator), \
             random_sentences(generator, batch_size), labels
     image_ids = torch.randperm(batch_size, generator=generator)
-    return images, random_sentences(generator, batch_size), image_ids
+    text_input = [cfg.model.prompt if task == "stage2" else ""] * batch_size
+    return images, text_input, random_sentences(generator, batch_size), image_ids
 
 
 def cached_tokens(model, cfg, batch_size, device):

@@ -5,9 +5,9 @@ CIDEr-D, and SPICE where its models are installed), after pycocoevalcap's PTB to
     python -m torch.distributed.run --nproc_per_node=8 eval_caption.py --config configs/blip2_caption_coco.yaml --output_dir out --checkpoint blip2_caption_opt2.7b.pth
     python eval_caption.py --config configs/blip2_stage2_demo.yaml --output_dir out --checkpoint output/blip2_stage2_demo/checkpoint_best.pth
 
-The model is a stage-2 model (`model.arch: blip2_opt`, any stage-2 training config) or the ITG decoder of a stage-1
-Q-Former (`model.arch: blip2_qformer`, with an `eval:` section of captioning options, as in
-configs/blip2_qformer_caption_demo.yaml). Captions of data.val_file and data.test_file go to
+The model is a stage-2 model (`model.arch: blip2_opt`, `blip2_llm`, `blip2_t5`, `blip2_*_instruct`: any stage-2
+training config) or the ITG decoder of a stage-1 Q-Former (`model.arch: blip2_qformer`, with an `eval:` section of
+captioning options, as in configs/blip2_qformer_caption_demo.yaml). Captions of data.val_file and data.test_file go to
 output_dir/<split>_captions.json ([{"image_id", "caption"}]), the metrics to a printed table and
 output_dir/evaluate.txt (JSON). Ground truth comes from data.val_gt_file / data.test_gt_file (COCO format, such as
 coco_karpathy_test_gt.json), else from the annotation file's own captions.
@@ -21,10 +21,8 @@ import json
 import os
 import re
 import shutil
-from collections import Counter
 from dataclasses import dataclass, field
 
-import torch
 from pycocoevalcap.bleu.bleu import Bleu
 from pycocoevalcap.cider.cider import Cider
 from pycocoevalcap.meteor.meteor import Meteor
@@ -35,11 +33,12 @@ from pycocoevalcap.tokenizer.ptbtokenizer import PUNCTUATIONS, PTBTokenizer
 from data.caption import CaptionDataConfig, _parse_eval_entry, _unique_image_ids, eval_sets
 from data.loader import eval_loader
 from data.utils import read_annotation, read_json
-from models.blip2_opt import Blip2OPT, Blip2OPTConfig
+from data.vqa import VQAEvalConfig
+from models.blip2_lm import Blip2LM, Blip2LMConfig
 from models.blip2_qformer import Blip2QformerConfig, decode_captions
-from models.inference import load_model
-from utils import (InputError, MetricLogger, TrainConfig, all_gather_object, broadcast_from_main, evaluation_weights,
-                   is_main_process, log, parse_args, run_main, start_run, write_evaluation)
+from models.inference import evaluation_model
+from utils import (Count, InputError, PositiveFloat, TrainConfig, Workers, broadcast_from_main, check_new_tokens,
+                   generate_texts, is_main_process, log, parse_args, run_main, start_run, write_evaluation)
 
 BLEU = ("Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4")
 SPICE_MODELS = ("stanford-corenlp-3.6.0.jar", "stanford-corenlp-3.6.0-models.jar")
@@ -55,71 +54,54 @@ BRACKETS = {"(": "-lrb-", ")": "-rrb-", "[": "-lsb-", "]": "-rsb-", "{": "-lcb-"
 @dataclass
 class CaptionEvalConfig:
     """The `eval:` section of stage-2 and captioning configs."""
-    batch_size: int = 64                      # images per generate call
-    num_beams: int = 5
-    max_new_tokens: int = 30
-    min_new_tokens: int = 8
-    repetition_penalty: float = 1.0
+    batch_size: Count = 64                    # images per generate call
+    num_beams: Count = 5
+    max_new_tokens: Count = 30
+    min_new_tokens: Workers = 8
+    repetition_penalty: PositiveFloat = 1.0
     length_penalty: float = 1.0
-    text_only_baseline: bool = True           # OPT models: also score the OPT prompted without images on test
+    text_only_baseline: bool = True           # stage-2 models: also score the frozen LM prompted without images
+
+    def validate(self):
+        return check_new_tokens(self)
 
 
 @dataclass
 class CaptionConfig:
     """A stage-2 config, or a stage-1 one whose `eval:` section holds captioning options."""
     data: CaptionDataConfig
-    model: Blip2OPTConfig | Blip2QformerConfig
+    model: Blip2LMConfig | Blip2QformerConfig
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: CaptionEvalConfig = field(default_factory=CaptionEvalConfig)
+    vqa: VQAEvalConfig = field(default_factory=VQAEvalConfig)  # stage-2 configs' VQA options (eval_vqa.py)
 
 
 # ------------------------------------------------------------------------------------------------ generation
 
 def generation_options(e):
-    """The keyword arguments of Blip2OPT.caption and Blip2Qformer.generate from a CaptionEvalConfig."""
+    """The keyword arguments of Blip2LM.caption and Blip2Qformer.generate from a CaptionEvalConfig."""
     return dict(num_beams=e.num_beams, max_new_tokens=e.max_new_tokens, min_new_tokens=e.min_new_tokens,
                 repetition_penalty=e.repetition_penalty, length_penalty=e.length_penalty)
 
 
 def caption_function(model, tokenizer, options, run):
-    """caption_fn(images) -> strings for generate_captions: a Blip2OPT's captions (its prompt not included), or
+    """caption_fn(images) -> strings for generate_captions: a stage-2 model's captions (its prompt not included), or
     the ITG decoder's of a Blip2Qformer decoded by its `tokenizer`; on the run's device, under its autocast."""
     def caption_fn(images):
         images = images.to(run.device, non_blocking=True)
         with run.autocast():
-            if isinstance(model, Blip2OPT):
+            if isinstance(model, Blip2LM):
                 return model.caption(images, **options)
             return decode_captions(tokenizer, model.generate(images, **options))
     return caption_fn
 
 
-@torch.no_grad()
 def generate_captions(caption_fn, loader, header="Captioning"):
     """[{"image_id", "caption"}] for every image of `loader.dataset` (a data.caption.RetrievalDataset whose loader
     shards the images over ranks), in the dataset's order, on every rank. `caption_fn(images)` gets a batch of
     images as loaded (on CPU) and returns one string per image."""
-    dataset = loader.dataset
-    local = []
-    for images, index in MetricLogger().log_every(loader, 50, header):
-        captions = caption_fn(images)
-        if len(captions) != len(index):
-            raise ValueError(f"caption_fn returned {len(captions)} captions for a batch of {len(index)} images")
-        local += zip(index.tolist(), captions)
-    pairs = [pair for part in all_gather_object(local) for pair in part]
-    _check_each_once([index for index, _ in pairs], len(dataset))
-    captions = dict(pairs)
-    return [{"image_id": dataset.image_ids[i], "caption": captions[i]} for i in range(len(dataset))]
-
-
-def _check_each_once(indices, num_images):
-    """RuntimeError unless every index 0..num_images-1 occurs once in `indices`: a sampler that pads or drops
-    images would change the metrics silently."""
-    counts = Counter(indices)
-    repeated = sorted(index for index, count in counts.items() if count > 1)
-    missing = sorted(set(range(num_images)) - counts.keys())
-    if repeated or missing:
-        raise RuntimeError(f"captions gathered over ranks cover the {num_images} images unevenly: repeated "
-                           f"{repeated[:5]}, missing {missing[:5]}; evaluate with data.loader.eval_loader")
+    captions = generate_texts(lambda images, index: caption_fn(images), loader, header)
+    return [{"image_id": image_id, "caption": caption} for image_id, caption in zip(loader.dataset.image_ids, captions)]
 
 
 # ------------------------------------------------------------------------------------------------ ground truth
@@ -235,13 +217,9 @@ def approximate_ptb(caption):
 
 
 def text_only_baseline(model, ground_truth, options):
-    """Caption metrics of a Blip2OPT's frozen OPT prompted without images: the same caption (`</s>` + prompt, beam
+    """Caption metrics of a stage-2 model's frozen LM prompted without images: the same caption (the prompt, beam
     search) for every image; what the soft prompt adds is the difference to the model's scores."""
-    prompt_ids = model.opt_tokenizer([model.prompt], return_tensors="pt").input_ids.to(model.opt_proj.weight.device)
-    with torch.no_grad():
-        ids = model.opt_model.generate(input_ids=prompt_ids, eos_token_id=model.eos_token_id,
-                                       pad_token_id=model.opt_tokenizer.pad_token_id, **options)
-    caption = model.opt_tokenizer.decode(ids[0, prompt_ids.shape[1]:], skip_special_tokens=True).strip()
+    caption = model.caption(None, **options)[0]
     log(f"text-only caption: {caption!r}")
     return broadcast_from_main(lambda: caption_metrics({image_id: caption for image_id in ground_truth}, ground_truth))
 
@@ -279,15 +257,15 @@ def evaluate_split(caption_fn, loader, ground_truth, header, results_path):
 
 def evaluate_splits(model, tokenizer, sets, run):
     """{split: metrics} of `model` in eval mode for `sets` (caption_eval_sets), captions written to
-    output_dir/<split>_captions.json; with a Blip2OPT and eval.text_only_baseline also "test_text_only", the frozen
-    OPT's scores without images."""
+    output_dir/<split>_captions.json; with a stage-2 model and eval.text_only_baseline also "test_text_only", the
+    frozen LM's scores without images."""
     model.eval()
     options = generation_options(run.cfg.eval)
     caption_fn = caption_function(model, tokenizer, options, run)
     results = {split: evaluate_split(caption_fn, loader, truth, split,
                                      os.path.join(run.output_dir, f"{split}_captions.json"))
                for split, (loader, truth) in sets.items()}
-    if "test" in sets and isinstance(model, Blip2OPT) and run.cfg.eval.text_only_baseline:
+    if "test" in sets and isinstance(model, Blip2LM) and run.cfg.eval.text_only_baseline:
         results["test_text_only"] = text_only_baseline(model, sets["test"][1], options)
     return results
 
@@ -298,8 +276,7 @@ def main(argv=None):
         sets = caption_eval_sets(run.cfg, run.device)
         if not sets:
             raise InputError(f"{args.config}: nothing to evaluate; set data.val_file and/or data.test_file")
-        model, tokenizer = load_model(run.cfg.model, evaluation_weights(run))
-        model.to(run.device)
+        model, tokenizer = evaluation_model(run, unused=("temp",))  # captioning needs no ITC temperature
         write_evaluation(run, evaluate_splits(model, tokenizer, sets, run))
 
 

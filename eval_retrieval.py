@@ -19,21 +19,24 @@ import torch
 from data.caption import CaptionDataConfig, eval_sets
 from data.loader import eval_loader
 from models.blip2_qformer import Blip2QformerConfig, itc_similarity
-from models.inference import load_model
-from utils import (Autocast, InputError, MetricLogger, TrainConfig, all_gather_no_grad, all_reduce_sum,
-                   evaluation_weights, get_rank, get_world_size, parse_args, run_main, start_run, unwrap,
-                   write_evaluation)
+from models.inference import evaluation_model
+from utils import (Autocast, Count, InputError, MetricLogger, TrainConfig, all_gather_no_grad, all_reduce_sum, get_rank,
+                   get_world_size, parse_args, run_main, start_run, unwrap, write_evaluation)
+
+
+# What the retrieval protocol does not run: the ITC temperature (scores are cosines) and the ITG head.
+RETRIEVAL_UNUSED = ("temp", "Qformer.cls.")
 
 
 @dataclass
 class RetrievalEvalConfig:
     """The `eval:` section of stage-1 and retrieval configs."""
-    batch_size: int = 64                      # images per forward
-    k_test: int = 256                         # candidates re-ranked by ITM (the original: 256 COCO, 128 Flickr30k)
+    batch_size: Count = 64                    # images per forward
+    k_test: Count = 256                       # candidates re-ranked by ITM (the original: 256 COCO, 128 Flickr30k)
     score: Literal["itm+itc", "itm", "itc"] = "itm+itc"
-    text_batch_size: int = 256
-    itm_batch_size: int = 128                 # image-text pairs per ITM forward
-    max_txt_len: int = 35
+    text_batch_size: Count = 256
+    itm_batch_size: Count = 128               # image-text pairs per ITM forward
+    max_txt_len: Count = 35
 
 
 @dataclass
@@ -65,8 +68,7 @@ def main(argv=None):
         loaders = retrieval_loaders(run.cfg, run.device)
         if not loaders:
             raise InputError(f"{args.config}: nothing to evaluate; set data.val_file and/or data.test_file")
-        model, tokenizer = load_model(run.cfg.model, evaluation_weights(run))
-        model.to(run.device)
+        model, tokenizer = evaluation_model(run, RETRIEVAL_UNUSED)
         evaluate = retrieval_evaluator(tokenizer, run)
         write_evaluation(run, {split: evaluate(model, loader, header=split) for split, loader in loaders.items()})
 

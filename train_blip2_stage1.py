@@ -10,13 +10,14 @@ the test split is evaluated at the end with the best weights.
 from dataclasses import dataclass, field
 from functools import partial
 
-from data.caption import CaptionDataConfig, caption_train_set
-from data.feature_cache import cached_train_set
-from data.loader import train_loader
-from eval_retrieval import RetrievalEvalConfig, retrieval_evaluator, retrieval_loaders
+from data.caption import CaptionDataConfig, CaptionSource, caption_train_set
+from data.feature_cache import caption_train_loader
+from eval_retrieval import RETRIEVAL_UNUSED, RetrievalEvalConfig, retrieval_evaluator, retrieval_loaders
 from models.blip2_qformer import Blip2QformerConfig, create_model, init_from_bert, load_checkpoint
-from utils import (TrainConfig, evaluation_weights, fit, log, parse_args, run_main, start_run, start_training,
-                   test_best, write_evaluation)
+from models.inference import load_for_evaluation
+from models.tokenizer import check_unknown_tokens
+from utils import (InputError, TrainConfig, evaluation_weights, fit, log, parse_args, run_main, start_run,
+                   start_training, test_best, write_evaluation)
 
 
 @dataclass
@@ -28,7 +29,7 @@ class Stage1Config:
 
 
 def stage1_loss(model, batch, tokenizer, max_txt_len, same_image_positives, device):
-    images, captions, image_ids = batch
+    images, _, captions, image_ids = batch  # (images, text_input, text_output, image_ids): captions are text_output
     # Padding to a fixed length lets ITM gather the texts of every rank as one tensor.
     text = tokenizer(list(captions), padding="max_length", truncation=True, max_length=max_txt_len,
                      return_tensors="pt")
@@ -47,15 +48,17 @@ def main(argv=None):
         loaders = retrieval_loaders(cfg, run.device)
         evaluate = retrieval_evaluator(tokenizer, run)
         if args.evaluate:
-            load_checkpoint(model.to(run.device), evaluation_weights(run))
+            load_for_evaluation(load_checkpoint, model.to(run.device), evaluation_weights(run), RETRIEVAL_UNUSED)
             write_evaluation(run, {split: evaluate(model, loader, header=split) for split, loader in loaders.items()})
             return
 
+        if not cfg.data.val_file or any(not isinstance(s, CaptionSource) for s in cfg.data.train):
+            raise InputError("stage 1 trains on captions and picks the best epoch by retrieval: data.train must list "
+                             "caption files ({ann_file, image_root}) and data.val_file a Karpathy-format split")
         train_set = caption_train_set(cfg.data, cfg.model.image_size)
+        check_unknown_tokens(tokenizer, [e["caption"] for e in train_set.entries], cfg.data.allow_unknown_tokens)
         state = start_training(run, model, load_checkpoint, init_from_bert(cfg.model))
-        if cfg.data.vit_feature_cache:  # after the weights are final: the cache holds the encoder's outputs
-            train_set = cached_train_set(run, model, train_set)
-        loader = train_loader(train_set, cfg.train.batch_size, cfg.train.seed, **cfg.data.loader_kwargs(run.device))
+        loader = caption_train_loader(run, model, train_set)
         loss_fn = partial(stage1_loss, tokenizer=tokenizer, max_txt_len=cfg.model.max_txt_len,
                           same_image_positives=cfg.model.same_image_positives, device=run.device)
 
@@ -64,7 +67,8 @@ def main(argv=None):
 
         fit(state, loader, loss_fn, validate, "val_r_mean")
         if "test" in loaders:
-            test_best(state, lambda: {f"test_{k}": v for k, v in evaluate(model, loaders["test"], header="Test").items()})
+            test_best(state, lambda: {f"test_{k}": v for k, v in evaluate(model, loaders["test"], header="Test")
+                                      .items()})
 
 
 if __name__ == "__main__":

@@ -13,26 +13,28 @@ import torch.nn.functional as F
 from data.loader import LoaderConfig, eval_loader, train_loader
 from data.nlvr import NLVRDataset
 from data.transforms import eval_transform, train_transform
+from data.utils import InputChecks
 from models.blip_nlvr import BlipNLVRConfig, create_model, load_checkpoint
-from utils import (MetricLogger, TrainConfig, all_reduce_sum, evaluation_weights, fit, log, parse_args, run_main,
-                   start_run, start_training, unwrap, write_evaluation)
+from models.inference import load_for_evaluation
+from models.tokenizer import check_unknown_tokens
+from utils import (Count, MetricLogger, TrainConfig, UnitRange, all_reduce_sum, evaluation_weights, fit, log,
+                   parse_args, run_main, start_run, start_training, unwrap, write_evaluation)
 
 
 @dataclass
-class DataConfig(LoaderConfig):
+class DataConfig(LoaderConfig, InputChecks):
     train_file: str
     val_file: str
     test_file: str
     image_root: str = "."
-    max_words: int = 40
-    crop_scale: tuple[float, float] = (0.5, 1.0)
+    max_words: Count = 40
+    crop_scale: UnitRange = (0.5, 1.0)
     randaugment: bool = True
-    skip_missing_images: bool = False        # drop examples whose images are missing instead of stopping
 
 
 @dataclass
 class EvalConfig:
-    batch_size: int = 64
+    batch_size: Count = 64
 
 
 @dataclass
@@ -49,7 +51,8 @@ def build_datasets(cfg, splits=("train", "val", "test")):
     transforms = {"train": train_transform(cfg.model.image_size, d.crop_scale, d.randaugment),
                   "val": eval_transform(cfg.model.image_size), "test": eval_transform(cfg.model.image_size)}
     return {split: NLVRDataset(files[split], d.image_root, transforms[split], d.max_words, train=split == "train",
-                               skip_missing_images=d.skip_missing_images) for split in splits}
+                               skip_missing_images=d.skip_missing_images, skip_empty_text=d.skip_empty_text,
+                               image_check=d.image_check) for split in splits}
 
 
 def logits_and_labels(model, batch, tokenizer, device):
@@ -93,7 +96,7 @@ def main(argv=None):
             return evaluate(model, loaders[split], tokenizer, run, header or split)
 
         if args.evaluate:
-            load_checkpoint(model.to(device), evaluation_weights(run))
+            load_for_evaluation(load_checkpoint, model.to(device), evaluation_weights(run))
             write_evaluation(run, {split: evaluate_split(split) for split in loaders})
             return
 
@@ -102,6 +105,8 @@ def main(argv=None):
             return {"val_acc": evaluate_split("val", f"Val {at}")["acc"],
                     "test_acc": evaluate_split("test", f"Test {at}")["acc"]}
 
+        check_unknown_tokens(tokenizer, [e["sentence"] for e in datasets["train"].entries],
+                             cfg.data.allow_unknown_tokens)
         state = start_training(run, model, load_checkpoint)
         loader = train_loader(datasets["train"], cfg.train.batch_size, cfg.train.seed, **cfg.data.loader_kwargs(device))
         fit(state, loader, partial(nlvr_loss, tokenizer=tokenizer, device=device), validate, "val_acc")

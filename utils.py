@@ -12,6 +12,7 @@ to step), and no framework: each script calls them from its own visible `main`.
 """
 
 import argparse
+import collections
 import dataclasses
 import datetime
 import difflib
@@ -235,27 +236,77 @@ def attention_kernels(choice):
 
 # -------------------------------------------------------------------------------------------------------- config
 
+@dataclass(frozen=True)
+class Range:
+    """A bound on a config number, declared with its field (`Annotated[int, Range(1)]`): `low` <= value (< with
+    `low_open`), value <= `high`. Calling it gives the problem with a value, or None."""
+    low: typing.Optional[float] = None
+    high: typing.Optional[float] = None
+    low_open: bool = False
+
+    def __call__(self, value):
+        if value is None:
+            return None
+        if self.low is not None and (value <= self.low if self.low_open else value < self.low):
+            return f"must be {'greater than' if self.low_open else 'at least'} {self.low}"
+        if self.high is not None and value > self.high:
+            return f"must be at most {self.high}"
+        return None
+
+
+def increasing_within(low, high):
+    """A check of a [a, b] pair: low < a <= b <= high (a crop-scale range)."""
+    def check(pair):
+        return None if low < pair[0] <= pair[1] <= high else f"must be [a, b] with {low} < a <= b <= {high}"
+    return check
+
+
+Count = typing.Annotated[int, Range(1)]                  # a size or number of things: at least 1
+Workers = typing.Annotated[int, Range(0)]                 # 0 or more
+NonNegative = typing.Annotated[float, Range(0)]
+PositiveFloat = typing.Annotated[float, Range(0, low_open=True)]
+UnitRange = typing.Annotated[tuple[float, float], increasing_within(0, 1)]
+UnitInterval = typing.Annotated[float, Range(0, 1)]
+
+
+def check_patches(image_size, patch_size):
+    """validate() of model sections: the image is cut into whole patches (else the last pixels are dropped)."""
+    if image_size % patch_size:
+        return (f"image_size {image_size} is not a multiple of patch_size {patch_size}: the last "
+                f"{image_size % patch_size} pixels would be dropped; use {image_size // patch_size * patch_size} or "
+                f"{(image_size // patch_size + 1) * patch_size}")
+    return None
+
+
+def check_new_tokens(cfg):
+    """validate() of generation sections: min_new_tokens <= max_new_tokens."""
+    if cfg.min_new_tokens > cfg.max_new_tokens:
+        return (f"min_new_tokens ({cfg.min_new_tokens}) exceeds max_new_tokens ({cfg.max_new_tokens}); lower it or "
+                "raise max_new_tokens")
+    return None
+
+
 @dataclass
 class TrainConfig:
     """Optimisation settings shared by every trainer (`train:` in the YAML)."""
-    epochs: int = 10
-    max_steps: typing.Optional[int] = None    # plan the run in optimiser steps instead (train.epochs is then unused)
-    batch_size: int = 16                      # per process
-    global_batch_size: typing.Optional[int] = None  # reached by gradient accumulation; null: batch_size x processes
-    lr: float = 1e-4
-    min_lr: float = 0.0
-    warmup_steps: int = 0
-    warmup_lr: float = 0.0
+    epochs: Count = 10
+    max_steps: typing.Optional[Count] = None  # plan the run in optimiser steps instead (train.epochs is then unused)
+    batch_size: Count = 16                    # per process
+    global_batch_size: typing.Optional[Count] = None  # reached by gradient accumulation; null: batch_size x processes
+    lr: PositiveFloat = 1e-4
+    min_lr: NonNegative = 0.0
+    warmup_steps: Workers = 0
+    warmup_lr: NonNegative = 0.0
     lr_schedule: typing.Literal["cosine_epoch", "cosine"] = "cosine"
-    weight_decay: float = 0.05
+    weight_decay: NonNegative = 0.05
     no_decay_bias_norm: bool = False          # exclude biases and norm weights from weight decay
-    grad_clip: typing.Optional[float] = None  # max global grad norm
+    grad_clip: typing.Optional[PositiveFloat] = None  # max global grad norm
     amp: Precision = "fp32"                   # autocast dtype; weights, optimizer state and losses stay fp32
     seed: int = 42
-    print_freq: int = 50
-    save_every_steps: typing.Optional[int] = None  # checkpoint_last.pth also every N steps (besides epoch ends)
-    eval_every_steps: typing.Optional[int] = None  # validation also every N steps (besides epoch ends)
-    dist_timeout_s: int = 1800                # how long collectives wait for a rank that hangs
+    print_freq: Count = 50
+    save_every_steps: typing.Optional[Count] = None  # checkpoint_last.pth also every N steps (besides epoch ends)
+    eval_every_steps: typing.Optional[Count] = None  # validation also every N steps (besides epoch ends)
+    dist_timeout_s: Count = 1800              # how long collectives wait for a rank that hangs
     # The fast path (BENCHMARKS.md measures each switch).
     fused_adamw: bool = False                 # AdamW's fused kernel (CUDA and CPU); off: the for-each/loop one
     attention: typing.Literal["auto", "flash", "efficient", "cudnn", "math"] = "auto"  # SDPA kernels in training
@@ -267,10 +318,76 @@ class TrainConfig:
 def load_config(path, schema, overrides=()):
     """Read the YAML file `path` (YAML 1.2: `3e-5` is a float) into the dataclass `schema`, then apply
     `key=value` overrides (dotted keys, values parsed as YAML). Unknown keys and wrong types raise InputError."""
-    cfg = _to_dataclass(schema, read_yaml(path), path, "")
+    raw = read_yaml(path)
+    _refuse_foreign(raw, schema, path)
+    cfg = _to_dataclass(schema, raw, path, "")
     for item in overrides:
         _apply_override(cfg, item)
+    _validate(cfg, path, "")
     return cfg
+
+
+# Which scripts read the configs of each model.arch (for a config given to another script).
+ARCH_SCRIPTS = {"blip_nlvr": "train_nlvr.py",
+                "blip2_qformer": "train_blip2_stage1.py, eval_retrieval.py or eval_caption.py",
+                **{arch: "train_blip2_stage2.py, eval_caption.py or eval_vqa.py" for arch in (
+                    "blip2_opt", "blip2_llm", "blip2_llm_instruct", "blip2_t5", "blip2_t5_instruct")}}
+# The keys of the original BLIP and LAVIS configs, and where they go here.
+BLIP_KEYS = {"image_root": "data.image_root", "ann_root": "data.train_file, val_file, test_file (or data.train)",
+             "pretrained": "model.pretrained", "vit": "model.vit", "image_size": "model.image_size",
+             "vit_grad_ckpt": "model.vit_grad_ckpt", "vit_ckpt_layer": "model.vit_ckpt_layer",
+             "batch_size_train": "train.batch_size", "batch_size": "train.batch_size",
+             "batch_size_test": "eval.batch_size", "init_lr": "train.lr", "min_lr": "train.min_lr",
+             "weight_decay": "train.weight_decay", "max_epoch": "train.epochs", "num_beams": "eval.num_beams",
+             "max_length": "eval.max_new_tokens", "min_length": "eval.min_new_tokens", "prompt": "model.prompt",
+             "k_test": "eval.k_test"}
+LAVIS_KEYS = {"run.init_lr": "train.lr", "run.min_lr": "train.min_lr", "run.warmup_lr": "train.warmup_lr",
+              "run.warmup_steps": "train.warmup_steps", "run.weight_decay": "train.weight_decay",
+              "run.max_epoch": "train.epochs", "run.batch_size_train": "train.batch_size",
+              "run.batch_size_eval": "eval.batch_size", "run.seed": "train.seed", "run.amp": "train.amp",
+              "run.lr_sched: linear_warmup_cosine_lr": "train.lr_schedule: cosine_epoch",
+              "model.arch (blip2, blip2_opt, blip2_t5, blip2_vicuna_instruct, ...)":
+                  "model.arch (blip2_qformer, blip2_opt, blip2_t5, blip2_llm_instruct, ...)",
+              "model.num_query_token": "model.num_query_tokens",
+              "model.opt_model / t5_model / llm_model": "model.lm", "model.pretrained": "model.pretrained",
+              "datasets.<name>.build_info.annotations": "data.train ({ann_file, image_root}), data.val_file"}
+
+
+def _refuse_foreign(raw, schema, path):
+    """InputError, before any key is read, for a config of the original BLIP or LAVIS code (with the keys' places
+    here), and for a config whose model.arch another script reads."""
+    if not isinstance(raw, dict):
+        return
+    blip = [key for key in raw if key in BLIP_KEYS or key in ("max_epoch", "ann_root")]
+    if {"run", "datasets"} & set(raw) or (blip and not {"train", "data"} & set(raw)):
+        origin, table = ("LAVIS", LAVIS_KEYS) if {"run", "datasets"} & set(raw) else ("BLIP", BLIP_KEYS)
+        mapping = "; ".join(f"{theirs} -> {ours}" for theirs, ours in table.items()
+                            if origin == "LAVIS" or theirs in raw)
+        raise InputError(f"{path} is a config of the original {origin} code, not of this project (sections model, "
+                         f"data, train, eval). Its keys go here: {mapping}. Start from the config of configs/ for the "
+                         "same task and copy the values over")
+    hints = typing.get_type_hints(schema)
+    arch = raw.get("model", {}).get("arch") if isinstance(raw.get("model"), dict) else None
+    if "model" not in hints or arch is None:
+        return
+    models = typing.get_args(hints["model"]) or (hints["model"],)
+    archs = [arch for m in models if dataclasses.is_dataclass(m)
+             for arch in typing.get_args(typing.get_type_hints(m)["arch"])]
+    if arch not in archs and arch in ARCH_SCRIPTS:
+        raise InputError(f"{path} is a config of model.arch {arch}, which {ARCH_SCRIPTS[arch]} reads; this script "
+                         f"reads model.arch {', '.join(archs)}")
+
+
+def _validate(cfg, source, prefix):
+    """Checks across a section's keys (its `validate()` returns the problem, or None), after the overrides."""
+    problem = cfg.validate() if hasattr(cfg, "validate") else None
+    if problem:
+        raise InputError(f"{source}: {prefix}{problem}")
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        for i, item in enumerate(value if isinstance(value, list) else [value]):
+            if dataclasses.is_dataclass(item):
+                _validate(item, source, f"{prefix}{f.name}{f'[{i}]' if isinstance(value, list) else ''}.")
 
 
 def read_yaml(path):
@@ -297,7 +414,7 @@ def config_section(path, key, hint):
 def _to_dataclass(schema, raw, source, prefix):
     if not isinstance(raw, dict):
         raise InputError(f"{source}: {prefix.rstrip('.') or 'the file'} must be a mapping of keys to values")
-    hints = typing.get_type_hints(schema)
+    hints = typing.get_type_hints(schema, include_extras=True)
     fields = {f.name: f for f in dataclasses.fields(schema)}
     for key in raw:
         if key not in fields:
@@ -322,14 +439,25 @@ def _suggest(key, candidates, prefix=""):
 def _check_type(value, hint, source, key):
     """`value` converted to `hint` (int accepted for float), or InputError naming the key."""
     origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is typing.Annotated:
+        value = _check_type(value, args[0], source, key)
+        for check in hint.__metadata__:
+            problem = check(value)
+            if problem:
+                raise InputError(f"{source}: {key} {problem}; got {value!r}")
+        return value
     if dataclasses.is_dataclass(hint):
         return _to_dataclass(hint, value, source, key + ".")
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
         options = [a for a in args if a is not type(None)]
-        hint = _schema_by_arch(options, value, source, key) if len(options) > 1 else options[0]
-        return _check_type(value, hint, source, key)
+        if len(options) > 1 and all(dataclasses.is_dataclass(o) for o in options):
+            return _check_type(value, _pick_schema(options, value, source, key), source, key)
+        for option in options[:-1]:  # the first that fits, else the last one's error
+            with suppress(InputError):
+                return _check_type(value, option, source, key)
+        return _check_type(value, options[-1], source, key)
     if origin is typing.Literal:
         if value not in args:
             raise InputError(f"{source}: {key} must be one of {', '.join(map(str, args))}; got {value!r}")
@@ -350,14 +478,24 @@ def _check_type(value, hint, source, key):
     return value
 
 
-def _schema_by_arch(schemas, value, source, key):
-    """The one of `schemas` (dataclasses with an `arch: Literal[name]` field) that `value["arch"]` names."""
-    archs = {typing.get_args(typing.get_type_hints(schema)["arch"])[0]: schema for schema in schemas}
-    arch = value.get("arch") if isinstance(value, dict) else None
-    if arch not in archs:
-        raise InputError(f"{source}: {key}.arch must say which model this is, one of {', '.join(archs)}; "
-                         f"got {arch!r}")
-    return archs[arch]
+def _pick_schema(schemas, value, source, key):
+    """The one of `schemas` (dataclasses) that `value` is: the one whose `arch` Literal names value["arch"] when they
+    have an `arch` field (model sections), else the one whose required keys `value` has (data sources)."""
+    hints = [typing.get_type_hints(schema) for schema in schemas]
+    if all("arch" in h for h in hints):
+        archs = {arch: schema for schema, h in zip(schemas, hints) for arch in typing.get_args(h["arch"])}
+        arch = value.get("arch") if isinstance(value, dict) else None
+        if arch not in archs:
+            raise InputError(f"{source}: {key}.arch must say which model this is, one of {', '.join(archs)}; "
+                             f"got {arch!r}")
+        return archs[arch]
+    required = {schema: [f.name for f in dataclasses.fields(schema) if f.default is dataclasses.MISSING
+                         and f.default_factory is dataclasses.MISSING] for schema in schemas}
+    fitting = [schema for schema, names in required.items() if isinstance(value, dict) and set(names) <= set(value)]
+    if len(fitting) != 1:
+        kinds = "; or ".join(f"{schema.__name__} (with {', '.join(names)})" for schema, names in required.items())
+        raise InputError(f"{source}: {key} must be one of {kinds}; got {value!r:.200}")
+    return fitting[0]
 
 
 def _apply_override(cfg, item):
@@ -375,7 +513,8 @@ def _apply_override(cfg, item):
             if not dataclasses.is_dataclass(node):
                 raise InputError(f"{where}: '{prefix}{part}' is a value, not a section")
     value = YAML(typ="safe").load(text) if text.strip() else ""
-    setattr(node, parts[-1], _check_type(value, typing.get_type_hints(type(node))[parts[-1]], where, key))
+    setattr(node, parts[-1], _check_type(value, typing.get_type_hints(type(node), include_extras=True)[parts[-1]],
+                                         where, key))
 
 
 def save_config(cfg, path):
@@ -957,6 +1096,11 @@ def restore(state, path):
     config's hyper-parameters: lr, weight decay, fused), grad scaler, RNG streams, position and running averages."""
     ckpt = load_checkpoint_file(path)
     check_resumed_config(ckpt["config"], state.cfg, state.run.args.allow_changes, path)
+    mismatches = state_dict_mismatches(ckpt["model"], state.model.state_dict())
+    if mismatches:
+        raise InputError(f"--resume: {path} does not fit this model ({len(mismatches)} problems: "
+                         f"{'; '.join(mismatches[:4])}); it was written by another version of the code or for another "
+                         "model")
     try:
         state.model.load_state_dict(ckpt["model"])
         fresh = [{k: v for k, v in group.items() if k != "params"} for group in state.optimizer.param_groups]
@@ -983,6 +1127,14 @@ def restore(state, path):
     log(f"resumed from {path} at step {state.step} (epoch {state.epoch}, batch {state.epoch_batches})")
     if is_main_process():
         truncate_log(state.output_dir, state.step)
+
+
+def state_dict_mismatches(theirs, ours):
+    """What keeps state dict `theirs` from loading strictly into a model whose state dict is `ours`, in words."""
+    problems = [f"missing {k}" for k in ours if k not in theirs]
+    problems += [f"unexpected {k}" for k in theirs if k not in ours]
+    return problems + [f"{k} is {list(v.shape)}, the model's {list(ours[k].shape)}" for k, v in theirs.items()
+                       if k in ours and v.shape != ours[k].shape]
 
 
 def training_state(state):
@@ -1029,11 +1181,12 @@ def fit(state, loader, loss_fn, validate, criterion):
     """Train from where `state` stands to the end of train.epochs (or train.max_steps).
 
     `loss_fn(model, batch)` returns a dict of scalar losses, of which "loss" is minimised; `validate(at)`
-    returns the validation metrics {name: value} (`at`: "epoch 3" or "step 500", for progress lines); `criterion` names the one whose strict improvement writes
-    checkpoint_best.pth. After every epoch and every train.eval_every_steps steps: validate, append a line to
-    log.txt, then write the checkpoints (log line first: a run that dies in between resumes from the checkpoint
-    before and writes that line again). checkpoint_last.pth also after every train.save_every_steps steps and when
-    a stop signal arrives, which then ends the run with Preempted.
+    returns the validation metrics {name: value} (`at`: "epoch 3" or "step 500", for progress lines); `criterion`
+    names the one whose strict improvement writes checkpoint_best.pth. After every epoch and every
+    train.eval_every_steps steps: validate, append a line to log.txt, then write the checkpoints (log line first: a
+    run that dies in between resumes from the checkpoint before and writes that line again). checkpoint_last.pth
+    also after every train.save_every_steps steps and when a stop signal arrives, which then ends the run with
+    Preempted.
     """
     cfg = state.cfg.train
     state.batches_per_epoch = loader.batch_sampler.batches_per_epoch // state.accum_steps * state.accum_steps
@@ -1045,12 +1198,13 @@ def fit(state, loader, loss_fn, validate, criterion):
             loader.batch_sampler.set_position(state.epoch, state.epoch_batches)
             for _ in train_steps(state, loader, loss_fn, signals):
                 epoch_done = state.epoch_batches == state.batches_per_epoch
-                if epoch_done or state.step == state.total_steps or _due(state.step, cfg.eval_every_steps):
-                    validate_and_log(state, validate, criterion, with_train=epoch_done or state.step == state.total_steps)
+                finished = state.step == state.total_steps
+                if epoch_done or finished or _due(state.step, cfg.eval_every_steps):
+                    validate_and_log(state, validate, criterion, with_train=epoch_done or finished)
                 if epoch_done:
                     state.epoch, state.epoch_batches, state.meters = state.epoch + 1, 0, MetricLogger()
                 stopping = _agree(signals.received is not None, state.device)
-                if epoch_done or stopping or state.step == state.total_steps or _due(state.step, cfg.save_every_steps):
+                if epoch_done or finished or stopping or _due(state.step, cfg.save_every_steps):
                     save_last(state)
                 if stopping:
                     raise Preempted(f"stopped by {signals.received or 'a stop signal on another rank'} at step "
@@ -1163,6 +1317,28 @@ def test_best(state, evaluate):
 
 
 # --------------------------------------------------------------------------------------------------- evaluation
+
+@torch.no_grad()
+def generate_texts(text_fn, loader, header="Generating"):
+    """One string per item of `loader.dataset`, in the dataset's order, on every rank: `text_fn(images, index)`
+    gets a batch as loaded (on CPU; `index` the items' dataset indices) and returns one string per item. The loader
+    shards the items over ranks (data.loader.eval_loader); each must be answered exactly once over all of them."""
+    local = []
+    for images, index in MetricLogger().log_every(loader, 50, header):
+        texts = text_fn(images, index)
+        if len(texts) != len(index):
+            raise ValueError(f"text_fn returned {len(texts)} texts for a batch of {len(index)} items")
+        local += zip(index.tolist(), texts)
+    pairs = [pair for part in all_gather_object(local) for pair in part]
+    counts = collections.Counter(index for index, _ in pairs)
+    repeated = sorted(index for index, count in counts.items() if count > 1)
+    missing = sorted(set(range(len(loader.dataset))) - counts.keys())
+    if repeated or missing:
+        raise RuntimeError(f"texts gathered over ranks cover the {len(loader.dataset)} items unevenly: repeated "
+                           f"{repeated[:5]}, missing {missing[:5]}; evaluate with data.loader.eval_loader")
+    texts = dict(pairs)
+    return [texts[i] for i in range(len(loader.dataset))]
+
 
 def write_evaluation(run, results):
     """Print `results` {split: {metric: value}} as a table and write them to output_dir/evaluate.txt as one JSON

@@ -18,53 +18,74 @@ Evaluation (`RetrievalDataset`): Karpathy val/test, [{"image", "caption": [str, 
 import os
 import re
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Literal, Optional, Union
 
-from torch.utils.data import Dataset
+import torch
+from torch.utils.data import ConcatDataset, Dataset
 
 from data.loader import LoaderConfig
 from data.transforms import eval_transform, train_transform
-from data.utils import (FIRST, check_image_files, drop_empty_texts, load_image, pre_caption, read_annotation,
-                        read_entries)
-from utils import InputError, log
+from data.utils import (FIRST, InputChecks, check_image_files, drop_empty_texts, load_image, pre_caption,
+                        read_annotation, read_entries)
+from data.vqa import DEFAULT_PROMPT, VQASplitConfig, VQATrainDataset, read_vqa_split
+from utils import Count, InputError, PositiveFloat, UnitRange, log
+
+
+# The image-caption instructions of LAVIS's blip_instruction processor (X-InstructBLIP; lavis/processors/
+# instruction_text_processors.py TEMPLATES["image"]["caption"], its first 14): InstructBLIP's own templates were not
+# released. LAVIS lower-cases the template it draws, as CaptionDataset does.
+CAPTION_INSTRUCTIONS = (
+    "A short caption:", "A short description:", "A short image caption:", "A short image description:", "A photo of",
+    "A photo that shows", "A picture of", "A picture that shows", "An image of", "An image that shows",
+    "Write a short description.", "Write a description for the image.",
+    "Provide a description of what is presented in the image.", "Briefly describe the content of the image.")
 
 
 @dataclass
 class CaptionSource:
-    """One annotation file of image-caption pairs."""
+    """One annotation file of image-caption pairs (or instruction pairs: {"image", "text_input", "text_output"})."""
     ann_file: str
     image_root: str = "."
+    # instruction templates, one drawn at random as each caption's text_input; "lavis": CAPTION_INSTRUCTIONS
+    instructions: Optional[Union[Literal["lavis"], list[str]]] = None
+    weight: PositiveFloat = 1.0               # share in a mixture with shards (data.shards.MixtureStream)
 
 
 @dataclass
-class CaptionDataConfig(LoaderConfig):
-    """The `data:` section of the BLIP-2 configs: training (stage 1 and 2), retrieval and caption evaluation."""
-    train: list[CaptionSource] = field(default_factory=list)
+class CaptionDataConfig(LoaderConfig, InputChecks):
+    """The `data:` section of the BLIP-2 configs: training (stage 1 and 2), retrieval, caption and VQA evaluation."""
+    train: list[Union[CaptionSource, VQASplitConfig]] = field(default_factory=list)  # VQA: stage 2 only
+    prefix_lm: bool = False                   # stage 2: captions split at a random word into text_input / text_output
     val_file: Optional[str] = None            # Karpathy format: [{"image", "caption": [...]}]; training needs it
     test_file: Optional[str] = None
     val_gt_file: Optional[str] = None         # caption metrics: COCO-format ground truth (coco_karpathy_val_gt.json);
     test_gt_file: Optional[str] = None        # null: the captions of val_file / test_file
     image_root: str = "."                     # of the val and test images
-    max_words: int = 50                       # training captions
-    eval_max_words: int = 30                  # retrieval texts
-    crop_scale: tuple[float, float] = (0.5, 1.0)
+    max_words: Count = 50                     # training captions
+    eval_max_words: Count = 30                # retrieval texts
+    crop_scale: UnitRange = (0.5, 1.0)
     hflip: bool = True
     augment: bool = True                      # false: training images get the evaluation transform (resize only)
     vit_feature_cache: Optional[str] = None   # dir of frozen-encoder outputs, built once; needs augment: false
-    skip_missing_images: bool = False         # drop training pairs whose image is missing instead of stopping
+    vqa_val: Optional[VQASplitConfig] = None  # VQA evaluation splits (eval_vqa.py; stage 2 validates on vqa_val)
+    vqa_test: Optional[VQASplitConfig] = None
+    vqa_prompt: str = DEFAULT_PROMPT          # the question's place in the LM's input, VQA training and evaluation
 
 
 class CaptionDataset(Dataset):
-    """Items: (image [3, S, S], caption, image_id).
+    """Items: (image [3, S, S], text_input, text_output, image_id).
 
-    image_id numbers the distinct images 0..num_images-1 in first-seen order over all sources. Captions of one
-    image share its id; the same raw id in two sources is two images (COCO's "coco_1" and a custom file's "coco_1"
-    are unrelated). Captions empty after cleaning are an InputError, or with `skip_empty_text` skipped with a
-    warning; `image_check`: see data.utils.check_image_files.
+    text_output is the caption; text_input is `prompt` (empty by default), or for an instruction pair the file's
+    text_input, or with the source's `instructions` one of them drawn at random; with `prefix_lm` a caption without
+    text_input is split at a random word into a prefix (after `prompt`) and the rest (BLIP-2's prefix-LM objective
+    for T5). image_id numbers the distinct images 0..num_images-1 in first-seen order over all sources. Captions of
+    one image share its id; the same raw id in two sources is two images (COCO's "coco_1" and a custom file's
+    "coco_1" are unrelated). Captions empty after cleaning are an InputError, or with `skip_empty_text` skipped
+    with a warning; `image_check`: see data.utils.check_image_files.
     """
 
     def __init__(self, sources, transform, max_words=50, skip_missing_images=False, *, skip_empty_text=False,
-                 image_check="decode"):
+                 image_check="decode", prompt="", prefix_lm=False):
         if not sources:
             raise InputError("CaptionDataset needs at least one annotation file")
         self.entries, ids = [], {}
@@ -74,6 +95,7 @@ class CaptionDataset(Dataset):
                 entry["image_id"] = ids.setdefault(key, len(ids))
                 self.entries.append(entry)
         self.num_images, self.transform = len(ids), transform
+        self.prompt, self.prefix_lm = prompt, prefix_lm
 
     def __len__(self):
         return len(self.entries)
@@ -81,23 +103,67 @@ class CaptionDataset(Dataset):
     def __getitem__(self, index):
         entry = self.entries[index]
         image = load_image(entry["image"], index, entry["ann_file"])
-        return self.transform(image), entry["caption"], entry["image_id"]
+        return self.transform(image), *self.texts(index)
+
+    def texts(self, index):
+        """(text_input, text_output, image_id) of item `index`, drawing what is random with torch's generator."""
+        entry = self.entries[index]
+        text_input, text_output = entry["text_input"], entry["caption"]
+        if entry["instructions"]:
+            text_input = entry["instructions"][int(torch.randint(len(entry["instructions"]), ()))].lower()
+        elif self.prefix_lm and not text_input:
+            words = text_output.split(" ")
+            cut = int(torch.randint(len(words), ()))  # the prefix has 0 .. n-1 words, the target at least one
+            text_input, text_output = " ".join(words[:cut]), " ".join(words[cut:])
+        return prompted(self.prompt, text_input), text_output, entry["image_id"]
 
 
-def caption_train_set(data_cfg, image_size):
-    """The CaptionDataset of a CaptionDataConfig (train, crop_scale, hflip, augment, max_words,
-    skip_missing_images), with BLIP-2's training transform (no RandAugment), or with `augment` false the evaluation
-    transform. Training also needs `val_file`: the best epoch is chosen on it."""
+def caption_train_set(data_cfg, image_size, prompt=""):
+    """The training set of a CaptionDataConfig: its caption sources (one CaptionDataset, `prompt` as text_input)
+    and VQA sources (data.vqa.VQATrainDataset each, prompted with `vqa_prompt`) together, with BLIP-2's training
+    transform (no RandAugment), or with `augment` false the evaluation transform. Training also needs a validation
+    split: `val_file` (captions) or `vqa_val`."""
     d = data_cfg
-    missing = [name for name, value in (("data.train", d.train), ("data.val_file", d.val_file)) if not value]
-    if missing:
-        raise InputError(f"training needs {' and '.join(missing)}: data.train lists the training annotation files "
-                         "({ann_file, image_root} each), data.val_file the split that picks the best epoch")
+    if not d.train or not (d.val_file or d.vqa_val):
+        raise InputError("training needs data.train, the training sources ({ann_file, image_root} each, or VQA "
+                         "splits), and data.val_file or data.vqa_val, the split that picks the best epoch")
     transform = (train_transform(image_size, d.crop_scale, randaugment=False, hflip=d.hflip) if d.augment else
                  eval_transform(image_size))
-    dataset = CaptionDataset(d.train, transform, d.max_words, d.skip_missing_images)
-    log(f"train: {len(dataset)} captions of {dataset.num_images} images")
+    captions = [s for s in d.train if isinstance(s, CaptionSource)]
+    parts = [CaptionDataset(captions, transform, d.max_words, d.skip_missing_images, prompt=prompt,
+                            skip_empty_text=d.skip_empty_text, image_check=d.image_check, prefix_lm=d.prefix_lm)
+             ] if captions else []
+    parts += [vqa_train_set(source, transform, d) for source in d.train if isinstance(source, VQASplitConfig)]
+    dataset = parts[0] if len(parts) == 1 else ConcatDataset(parts)
+    log(f"train: {len(dataset)} pairs " + ", ".join(f"({len(p)} from {p.num_images} images)" for p in parts))
     return dataset
+
+
+def training_texts(dataset):
+    """(text_inputs, text_outputs) that a training set from caption_train_set feeds (templates and prompts as they
+    are, every answer of a VQA question), for the start-up check of the tokenizers."""
+    if isinstance(dataset, ConcatDataset):
+        parts = [training_texts(part) for part in dataset.datasets]
+        return [t for inputs, _ in parts for t in inputs], [t for _, outputs in parts for t in outputs]
+    if isinstance(dataset, VQATrainDataset):
+        return dataset.text_inputs, [answer for choices in dataset.answer_choices for answer in choices]
+    inputs = [prompted(dataset.prompt, t) for e in dataset.entries for t in (e["instructions"] or [e["text_input"]])]
+    return inputs, [e["caption"] for e in dataset.entries]
+
+
+def vqa_train_set(source, transform, data_cfg):
+    """A VQATrainDataset of a VQA training split, its images checked as the caption sources' are."""
+    questions = read_vqa_split(source)
+    questions = check_image_files(questions, lambda q: [q["image"]], source.questions, source.image_root,
+                                  data_cfg.skip_missing_images, image_check=data_cfg.image_check)
+    return VQATrainDataset(questions, transform, data_cfg.vqa_prompt)
+
+
+def prompted(prompt, text):
+    """`text` placed in `prompt`: at its "{}" when it has one ("Question: {} Short answer:"), else after it."""
+    if "{}" in prompt:
+        return prompt.format(text)
+    return " ".join(part for part in (prompt, text) if part)
 
 
 class RetrievalDataset(Dataset):
@@ -135,7 +201,8 @@ class RetrievalDataset(Dataset):
 def eval_sets(data_cfg, image_size):
     """{"val", "test": RetrievalDataset} of a CaptionDataConfig, for the splits whose file is set."""
     files = {"val": data_cfg.val_file, "test": data_cfg.test_file}
-    return {split: RetrievalDataset(path, data_cfg.image_root, eval_transform(image_size), data_cfg.eval_max_words)
+    return {split: RetrievalDataset(path, data_cfg.image_root, eval_transform(image_size), data_cfg.eval_max_words,
+                                    image_check=data_cfg.image_check)
             for split, path in files.items() if path}
 
 
@@ -152,18 +219,26 @@ def _read_source(source, max_words, skip_missing_images, skip_empty_text, image_
 
 
 def _parse_train_entry(entry, where, source, max_words):
-    _check_fields(entry, where, "image, caption[, image_id]")
-    if not isinstance(entry["caption"], str):
-        raise InputError(f"{where}: 'caption' must be a string; got {entry['caption']!r:.80}")
+    """{"image", "caption", "text_input", ...} of a caption entry {"image", "caption"[, "image_id"]} or an
+    instruction pair {"image", "text_input", "text_output"[, "image_id"]} (its text_input kept as written, its
+    text_output cleaned as a caption is)."""
+    pair = isinstance(entry, dict) and "text_output" in entry
+    texts = ("text_input", "text_output") if pair else ("caption",)
+    _check_fields(entry, where, texts, "image, text_input, text_output[, image_id]" if pair
+                  else "image, caption[, image_id]")
+    for name in texts:
+        if not isinstance(entry[name], str):
+            raise InputError(f"{where}: '{name}' must be a string; got {entry[name]!r:.80}")
     raw_id = entry.get("image_id", entry["image"])
     if isinstance(raw_id, bool) or not isinstance(raw_id, (str, int)):
         raise InputError(f"{where}: 'image_id' must be a string or an integer; got {raw_id!r:.80}")
-    return {"image": os.path.join(source.image_root, entry["image"]),
-            "caption": pre_caption(entry["caption"], max_words), "raw_id": raw_id, "ann_file": source.ann_file}
+    return {"image": os.path.join(source.image_root, entry["image"]), "raw_id": raw_id, "ann_file": source.ann_file,
+            "caption": pre_caption(entry[texts[-1]], max_words), "text_input": entry["text_input"].strip() if pair
+            else "", "instructions": CAPTION_INSTRUCTIONS if source.instructions == "lavis" else source.instructions}
 
 
 def _parse_eval_entry(entry, where):
-    _check_fields(entry, where, "image, caption (a list of strings)")
+    _check_fields(entry, where, ("caption",), "image, caption (a list of strings)")
     captions = [entry["caption"]] if isinstance(entry["caption"], str) else entry["caption"]
     if not (isinstance(captions, list) and captions and all(isinstance(c, str) for c in captions)):
         raise InputError(f"{where}: 'caption' must be a string or a non-empty list of strings; got "
@@ -190,10 +265,10 @@ def _check_eval_texts(texts, img2txt, ann_file):
             f"{', '.join(empty[:FIRST])}; kept (as the original evaluation does), they count as retrieval queries")
 
 
-def _check_fields(entry, where, expected):
+def _check_fields(entry, where, texts, expected):
     if not isinstance(entry, dict):
         raise InputError(f"{where}: expected an object with {expected}; got {entry!r:.80}")
-    for name in ("image", "caption"):
+    for name in ("image", *texts):
         if name not in entry:
             raise InputError(f"{where}: missing field '{name}'")
     if not isinstance(entry["image"], str):

@@ -19,11 +19,12 @@ import shutil
 import numpy as np
 import torch
 import torch.distributed as dist
-from PIL import Image
 from torch.utils.data import Dataset
 
-from data.loader import eval_loader
+from data.caption import CaptionDataset
+from data.loader import eval_loader, train_loader
 from data.transforms import eval_transform
+from data.utils import load_image
 from utils import (Autocast, InputError, MetricLogger, attention_kernels, barrier, broadcast_from_main,
                    is_main_process, log)
 
@@ -33,12 +34,24 @@ FINGERPRINT_NAMES = {"images": "image files (paths, sizes or modification times)
                      "amp": "autocast (train.amp)", "encoder_sha256": "encoder weights"}
 
 
+def caption_train_loader(run, model, train_set):
+    """The training loader of a stage-1/2 run: `train_set`, or with data.vit_feature_cache the frozen encoder's
+    cached tokens in place of its images (so call it once the model holds the weights training starts from)."""
+    cfg = run.cfg
+    if cfg.data.vit_feature_cache:
+        train_set = cached_train_set(run, model, train_set)
+    return train_loader(train_set, cfg.train.batch_size, cfg.train.seed, **cfg.data.loader_kwargs(run.device))
+
+
 def cached_train_set(run, model, train_set):
     """`train_set` (a CaptionDataset) of a stage-1/2 run with its images replaced by the frozen encoder's tokens
     from `data.vit_feature_cache`, built there first when missing or stale (`eval.batch_size` images per
     forward, under the run's autocast). Call it on every process once `model.visual_encoder` holds the weights
     training uses."""
     cfg, device = run.cfg, run.device
+    if not isinstance(train_set, CaptionDataset):
+        raise InputError("data.vit_feature_cache caches the images of caption sources; data.train also lists VQA "
+                         "splits: remove them or data.vit_feature_cache")
     if cfg.data.augment:
         raise InputError("data.vit_feature_cache needs data.augment: false (augmented images differ every epoch, "
                          "their features cannot be cached); set data.augment: false or remove data.vit_feature_cache")
@@ -93,8 +106,9 @@ def build_feature_cache(encoder, dataset, cache_dir, image_size, batch_size, dev
 
 
 class FeatureCacheDataset(Dataset):
-    """Items: (tokens [N, Dv] in the encoder's dtype, caption, image_id): the items of `dataset` (a CaptionDataset),
-    in its order, with each image replaced by its row of the cache in `cache_dir` (see build_feature_cache)."""
+    """Items: (tokens [N, Dv] in the encoder's dtype, text_input, text_output, image_id): the items of `dataset` (a
+    CaptionDataset), in its order, with each image replaced by its row of the cache in `cache_dir` (see
+    build_feature_cache)."""
 
     def __init__(self, dataset, cache_dir):
         try:
@@ -105,19 +119,19 @@ class FeatureCacheDataset(Dataset):
         if [path for path, *_ in self.meta["fingerprint"]["images"]] != image_paths(dataset):
             raise InputError(f"the feature cache in {cache_dir} is of other images than the training set's; "
                              "build_feature_cache rebuilds it")
-        self.entries, self.num_images = dataset.entries, dataset.num_images
+        self.dataset, self.num_images = dataset, dataset.num_images
         self.cache_dir, self.dtype = cache_dir, getattr(torch, self.meta["dtype"])
         self.rows = None  # mapped where it is read: in each DataLoader worker
 
     def __len__(self):
-        return len(self.entries)
+        return len(self.dataset)
 
     def __getitem__(self, index):
         if self.rows is None:
             self.rows = _open_tokens(self.cache_dir, self.meta, "r")
-        entry = self.entries[index]
-        row = np.array(self.rows[entry["image_id"]])  # a copy: torch takes no read-only arrays
-        return torch.from_numpy(row).view(self.dtype), entry["caption"], entry["image_id"]
+        text_input, text_output, image_id = self.dataset.texts(index)
+        row = np.array(self.rows[image_id])  # a copy: torch takes no read-only arrays
+        return torch.from_numpy(row).view(self.dtype), text_input, text_output, image_id
 
     def __getstate__(self):
         # A worker started by pickling maps the file itself instead of receiving a copy of all of it.
@@ -183,7 +197,7 @@ class _ImageFiles(Dataset):
         return len(self.paths)
 
     def __getitem__(self, index):
-        return self.transform(Image.open(self.paths[index]).convert("RGB")), index
+        return self.transform(load_image(self.paths[index], index)), index
 
 
 def _weights_from_main(module):

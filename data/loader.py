@@ -15,16 +15,16 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from utils import get_rank, get_world_size
+from utils import Count, Workers, get_rank, get_world_size
 
 
 @dataclass(kw_only=True)
 class LoaderConfig:
     """The data-loading keys of every `data:` section."""
-    num_workers: int = 4
+    num_workers: Workers = 4
     pin_memory: bool = True                   # page-locked batches, copied to the GPU asynchronously (CUDA only)
     persistent_workers: bool = False          # keep the worker processes from epoch to epoch
-    prefetch_factor: int = 2                  # batches each worker prepares ahead
+    prefetch_factor: Count = 2                # batches each worker prepares ahead
 
     def loader_kwargs(self, device):
         """DataLoader arguments on `device` (a torch.device)."""

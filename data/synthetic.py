@@ -27,9 +27,9 @@ writes, deterministically from `--seed`:
                                               read them with image_template
                                               "images/caption_{split}/synthetic_{image_id:012d}.png"
     scenes.json                               image path -> the objects it shows
-    tokenizer/vocab.txt                       a WordPiece vocabulary covering every word of the NLVR and caption
-                                              files (not the VQA ones: adding words would change the demo models'
-                                              vocabulary, and with it their initialisation)
+    tokenizer/vocab.txt                       a WordPiece vocabulary covering every word of the NLVR, caption and
+                                              VQA files, of the caption instructions (data.caption) and of the VQA
+                                              prompt
 """
 
 import argparse
@@ -41,6 +41,9 @@ import re
 from dataclasses import asdict, dataclass
 
 from PIL import Image, ImageDraw
+
+from data.caption import CAPTION_INSTRUCTIONS
+from data.vqa import DEFAULT_PROMPT
 
 COLORS = {"red": (230, 40, 40), "green": (40, 200, 60), "blue": (50, 90, 245), "yellow": (240, 220, 40)}
 SHAPES = ("circle", "square", "triangle")
@@ -349,14 +352,18 @@ def vqa_split(rng, ids, scenes, questions_per_image):
 
 
 def write_vqa(output_dir, split_scenes, rng, questions_per_image):
-    """vqa_{split}_questions.json for every caption split and vqa_{split}_annotations.json but for test."""
+    """vqa_{split}_questions.json for every caption split and vqa_{split}_annotations.json but for test; returns the
+    questions' and answers' texts."""
+    texts = []
     for split, (ids, scenes) in split_scenes.items():
         questions, annotations = vqa_split(rng, ids, scenes, questions_per_image)
+        texts += [q["question"] for q in questions] + [a["answer"] for ann in annotations for a in ann["answers"]]
         header = {"data_type": "synthetic", "data_subtype": f"caption_{split}"}
         write_json(output_dir, f"vqa_{split}_questions.json",
                    {"task_type": "Open-Ended", **header, "questions": questions})
         if split != "test":
             write_json(output_dir, f"vqa_{split}_annotations.json", {**header, "annotations": annotations})
+    return texts
 
 
 def write_vocab(output_dir, texts):
@@ -384,7 +391,8 @@ def generate(output_dir, seed=0, num_train=5000, num_val=250, num_test=250, imag
                                                               ("test", num_caption_test)), captions_per_train_image,
                                                  image_size, random.Random(f"captions-{seed}"), scene_index)
     texts += caption_texts
-    write_vqa(output_dir, split_scenes, random.Random(f"vqa-{seed}"), questions_per_image)
+    texts += write_vqa(output_dir, split_scenes, random.Random(f"vqa-{seed}"), questions_per_image)
+    texts += [*CAPTION_INSTRUCTIONS, DEFAULT_PROMPT]  # what the instruction-aware Q-Former reads beside them
     with open(os.path.join(output_dir, "scenes.json"), "w") as f:
         json.dump(scene_index, f)
     write_vocab(output_dir, texts)

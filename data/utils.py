@@ -8,6 +8,9 @@ import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 
+from dataclasses import dataclass
+from typing import Literal
+
 from PIL import Image, UnidentifiedImageError
 
 from utils import InputError, all_gather_object, get_rank, get_world_size, log
@@ -15,6 +18,15 @@ from utils import InputError, all_gather_object, get_rank, get_world_size, log
 IMAGE_CHECKS = ("decode", "header")   # decode every image in full, or open only its header (faster, misses truncation)
 SUMMARY_FROM = 1000                   # image checks of at least this many files log a summary line
 FIRST = 5                             # places named in one message
+
+
+@dataclass(kw_only=True)
+class InputChecks:
+    """The `data:` keys of the start-up checks of the annotation and image files."""
+    image_check: Literal["decode", "header"] = "decode"  # decode every image in full, or read headers only
+    skip_missing_images: bool = False         # drop training examples whose images cannot be loaded, with a warning
+    skip_empty_text: bool = False             # drop training examples whose text is empty after cleaning
+    allow_unknown_tokens: bool = False        # train even when the tokenizer knows few of the training words
 
 
 def pre_caption(caption, max_words=50):

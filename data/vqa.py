@@ -32,16 +32,33 @@ import os
 import re
 import string
 from dataclasses import dataclass
-from typing import Optional
+from typing import Literal, Optional
 
 import torch
-from PIL import Image
 from torch.utils.data import Dataset
 
-from data.utils import check_image_files, read_json
-from utils import InputError
+from data.utils import check_image_files, load_image, read_json
+from utils import Count, InputError, PositiveFloat, Workers, check_new_tokens
 
 DEFAULT_PROMPT = "Question: {} Short answer:"  # BLIP-2's VQA prompt (LAVIS's blip2 VQA evaluation configs)
+
+
+@dataclass
+class VQAEvalConfig:
+    """The `vqa:` section of stage-2 configs: how answers are generated and scored (eval_vqa.py, and stage 2's
+    validation on data.vqa_val). The defaults are BLIP-2's zero-shot VQA settings (LAVIS's blip2 VQA evaluation
+    configs: 5 beams, at most 10 new tokens, at least 1, length penalty -1, which favours short answers)."""
+    batch_size: Count = 64
+    num_beams: Count = 5
+    max_new_tokens: Count = 10
+    min_new_tokens: Workers = 1
+    length_penalty: float = -1.0
+    repetition_penalty: PositiveFloat = 1.0
+    metric: Literal["vqa", "vqa_lavis", "gqa"] = "vqa"  # official VQA accuracy, LAVIS's variant, GQA exact match
+    question_baseline: bool = True            # also score the question-type baseline of the VQA training splits
+
+    def validate(self):
+        return check_new_tokens(self)
 
 
 @dataclass
@@ -88,13 +105,13 @@ class VQAEvalDataset(Dataset):
     names the file and image_root in the error.
     """
 
-    def __init__(self, questions, transform, source=None):
+    def __init__(self, questions, transform, source=None, image_check="decode"):
         if not questions:
             raise InputError("a VQA evaluation set needs at least one question")
-        self.image_paths = [q["image"] for q in questions]
-        ann_file, image_root = (source.questions, source.image_root) if source else ("VQA questions", "(as given)")
-        check_image_files(self.image_paths, lambda path: [path], ann_file, image_root, skip_missing=False,
-                          skippable=False)
+        self.entries, self.image_paths = questions, [q["image"] for q in questions]
+        self.ann_file, image_root = (source.questions, source.image_root) if source else ("VQA questions", "(as given)")
+        check_image_files(self.image_paths, lambda path: [path], self.ann_file, image_root, skip_missing=False,
+                          skippable=False, image_check=image_check)
         self.question_ids = [q["question_id"] for q in questions]
         self.questions = [pre_question(q["question"]) for q in questions]
         self.answers = [q["answers"] for q in questions]
@@ -106,7 +123,7 @@ class VQAEvalDataset(Dataset):
         return len(self.image_paths)
 
     def __getitem__(self, index):
-        return self.transform(Image.open(self.image_paths[index]).convert("RGB")), index
+        return self.transform(load_image(self.image_paths[index], index, self.ann_file)), index
 
 
 class VQATrainDataset(Dataset):
@@ -140,7 +157,7 @@ class VQATrainDataset(Dataset):
     def __getitem__(self, index):
         choices = self.answer_choices[index]
         answer = choices[torch.randint(len(choices), ()).item()]
-        image = self.transform(Image.open(self.image_paths[index]).convert("RGB"))
+        image = self.transform(load_image(self.image_paths[index], index))
         return image, self.text_inputs[index], answer, self.image_indices[index]
 
 

@@ -5,8 +5,8 @@
     outputs go on) -> {opt,llm,t5}_proj [B, Q, D] -> the frozen language model's input embeddings.
 
 - `Blip2CausalLM`, a decoder-only LM (OPT, LLaMA/Vicuna, ...): [soft prompt; text_input; text_output] with the
-  next-token loss on text_output only. With OPT it is `models.blip2_opt.Blip2OPT` (LAVIS `blip2_opt`, projection
-  `opt_proj`); with other LMs it follows LAVIS `blip2_vicuna_instruct` (projection `llm_proj`).
+  next-token loss on text_output only. With OPT it follows LAVIS `blip2_opt` (projection `opt_proj`; bit-identical to
+  this project's earlier Blip2OPT); with other LMs LAVIS `blip2_vicuna_instruct` (projection `llm_proj`).
 - `Blip2T5` (LAVIS `blip2_t5`, `blip2_t5_instruct`): T5's encoder reads [soft prompt; text_input], its decoder
   predicts text_output (projection `t5_proj`).
 - `qformer_tokenizer` given: InstructBLIP (LAVIS's `qformer_text_input`); the Q-Former then keeps its word/position
@@ -22,6 +22,8 @@ either layout, `read_transformers`/`save_transformers` read and write transforme
 import json
 import os
 import re
+from dataclasses import dataclass
+from typing import Literal, Optional
 
 import torch
 import torch.nn as nn
@@ -33,9 +35,133 @@ from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer, Blip2
                           T5ForConditionalGeneration)
 
 from models.blip2_qformer import LM_NAMES, hf_to_lavis, lavis_to_hf
-from models.eva_vit import EvaViT, create_vision_encoder, freeze_vision_encoder, load_vision_weights
+from models.eva_vit import (EvaViT, VisionConfig, create_vision_encoder, freeze_vision_encoder, load_vision_file,
+                            load_vision_weights)
+from models.families import refuse_other_families
 from models.qformer import build_qformer, padding_mask
-from utils import DTYPES, InputError, all_reduce_sum, get_world_size, log
+from models.tokenizer import init_tokenizer, local_dir_or_hub_id
+from utils import DTYPES, InputError, Precision, all_reduce_sum, get_world_size, load_checkpoint_file, log
+
+CHECKPOINT_URLS = {  # LAVIS's releases (LANGUAGE_MODELS_VQA.md section 2)
+    name: f"https://storage.googleapis.com/sfr-vision-language-research/LAVIS/models/{path}" for name, path in {
+        "pretrain_opt2.7b": "BLIP2/blip2_pretrained_opt2.7b.pth",
+        "pretrain_opt6.7b": "BLIP2/blip2_pretrained_opt6.7b.pth",
+        "caption_coco_opt2.7b": "BLIP2/blip2_caption_opt2.7b.pth",
+        "pretrain_flant5xl": "BLIP2/blip2_pretrained_flant5xl.pth",
+        "pretrain_flant5xxl": "BLIP2/blip2_pretrained_flant5xxl.pth",
+        "caption_coco_flant5xl": "BLIP2/blip2_caption_flant5xl.pth",
+        "instruct_vicuna7b": "InstructBLIP/instruct_blip_vicuna7b_trimmed.pth",
+        "instruct_vicuna13b": "InstructBLIP/instruct_blip_vicuna13b_trimmed.pth",
+        "instruct_flant5xl": "InstructBLIP/instruct_blip_flanxl_trimmed.pth",
+        "instruct_flant5xxl": "InstructBLIP/instruct_blip_flanxxl_trimmed.pth"}.items()}
+# arch: (LM family, instruction-aware Q-Former). LAVIS's names: blip2_opt, blip2_t5, blip2_t5_instruct; our
+# blip2_llm(_instruct) is LAVIS's blip2_vicuna_instruct without (with) the instruction, for any LLaMA-class LM.
+ARCHS = {"blip2_opt": ("causal", False), "blip2_llm": ("causal", False), "blip2_llm_instruct": ("causal", True),
+         "blip2_t5": ("t5", False), "blip2_t5_instruct": ("t5", True)}
+
+
+@dataclass
+class LoraSettings:
+    """`model.lora`: peft LoRA adapters on the frozen LM."""
+    r: int = 8
+    alpha: int = 16
+    dropout: float = 0.05
+    target_modules: Optional[list[str]] = None  # null: peft's default for the LM (q_proj, v_proj; T5: q, v)
+
+
+@dataclass
+class Blip2LMConfig(VisionConfig):
+    """The `model:` section of a stage-2 config (BLIP-2 with a frozen LM, InstructBLIP)."""
+    arch: Literal["blip2_opt", "blip2_llm", "blip2_llm_instruct", "blip2_t5", "blip2_t5_instruct"] = "blip2_opt"
+    qformer: Literal["tiny", "base"] = "base"
+    num_query_tokens: int = 32
+    cross_attention_freq: int = 2
+    lm: str = "facebook/opt-2.7b"             # hub name, local directory, or a transformers BLIP-2 directory
+    lm_precision: Optional[Precision] = None  # frozen LM weights; null: bf16 for T5 (overflows in fp16), else fp16
+    lm_dropout: bool = True                   # the frozen LM's dropout in training (LAVIS: on)
+    t5_dense_act_fn: Optional[str] = "gelu"   # LAVIS's exact GELU in Flan-T5's FFN; null: the checkpoint's own
+    tokenizer: str = "bert-base-uncased"      # *_instruct: the Q-Former's tokenizer for the instruction
+    prompt: str = ""                          # before every caption (text_input of caption data) and generation
+    max_txt_len: Optional[int] = None         # tokens of text_input (OPT: all text); null: 128 *_instruct, else 32
+    max_output_txt_len: Optional[int] = None  # tokens of text_output; null: 32 T5, 256 otherwise (unused by OPT)
+    end_of_text: Optional[str] = None         # ends text_output (causal LMs); null: "\n" for OPT, the LM's eos
+    lora: Optional[LoraSettings] = None       # LoRA adapters on the LM (only they train in it)
+    pretrained: Optional[str] = None          # a stage-1 or stage-2 checkpoint (LAVIS, ours, transformers dir/file)
+
+    def lm_kwargs(self):
+        """The keyword arguments of Blip2CausalLM / Blip2T5 beyond the LM, its tokenizer and the Q-Former's."""
+        family, instruct = ARCHS[self.arch]
+        kwargs = dict(**self.encoder_kwargs(), qformer=self.qformer, num_query_tokens=self.num_query_tokens,
+                      cross_attention_freq=self.cross_attention_freq, prompt=self.prompt, lm_dropout=self.lm_dropout,
+                      max_txt_len=self.max_txt_len or (128 if instruct else 32))
+        if self.max_output_txt_len is not None:
+            kwargs["max_output_txt_len"] = self.max_output_txt_len
+        if family == "causal":
+            kwargs["end_of_text"] = self.end_of_text
+        return kwargs
+
+
+def create_model(cfg, language_model=None):
+    """(Blip2CausalLM or Blip2T5 for a Blip2LMConfig, the LM's tokenizer): the architecture and its frozen parts from
+    their files, the LM (`lm`, or `language_model` = (model, tokenizer) already built) and a frozen image encoder
+    (`vit_pretrained`, else the image encoder in `pretrained`: BLIP-2's stage-2 configs take it from the stage-1
+    checkpoint); LoRA adapters at their initialisation. The trainable parts come from a checkpoint
+    (load_checkpoint)."""
+    family, instruct = ARCHS[cfg.arch]
+    if cfg.arch == "blip2_opt" and language_model is None and not _is_opt(cfg.lm):
+        raise InputError(f"model.arch blip2_opt needs an OPT, but model.lm {cfg.lm} is another language model; use "
+                         "model.arch blip2_llm for it")
+    lm, tokenizer = language_model or load_language_model(cfg)
+    qformer_tokenizer = init_tokenizer(cfg.tokenizer, enc_token=False) if instruct else None
+    model_class = Blip2T5 if family == "t5" else Blip2CausalLM
+    model = model_class(lm, tokenizer, qformer_tokenizer=qformer_tokenizer, **cfg.lm_kwargs())
+    if cfg.vit_pretrained:
+        load_vision_file(model.visual_encoder, cfg.vit_pretrained)
+        model.vit_source = cfg.vit_pretrained
+    elif cfg.freeze_vit and cfg.pretrained:
+        state = read_checkpoint(cfg.pretrained).get("model", {})
+        vision = hf_to_lavis(state) if any(k.startswith("vision_model.") for k in state) else state
+        if any(k.startswith("visual_encoder.") for k in vision):
+            load_vision_weights(model.visual_encoder, vision, cfg.pretrained)
+            model.vit_source = cfg.pretrained
+    if cfg.lora:
+        add_lora(model, cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout, cfg.lora.target_modules)
+    return model, tokenizer
+
+
+def load_language_model(cfg):
+    """(frozen LM in cfg.lm_precision, tokenizer) of a Blip2LMConfig's `lm`: a hub name or a local directory of the
+    LM, or a transformers BLIP-2 / InstructBLIP directory (its language model and tokenizer)."""
+    family, _ = ARCHS[cfg.arch]
+    precision = cfg.lm_precision or ("bf16" if family == "t5" else "fp16")
+    if family == "t5":
+        return load_t5(cfg.lm, precision, cfg.t5_dense_act_fn)
+    return load_causal_lm(cfg.lm, precision)
+
+
+def load_checkpoint(model, url_or_path):
+    """load_state from a checkpoint file (path or URL: LAVIS's, ours, a transformers state dict) or a transformers
+    BLIP-2 / InstructBLIP directory (e.g. Salesforce/blip2-flan-t5-xl downloaded), whose language model weights are
+    then loaded too when `model.lm` is that directory. Returns the model's keys left at their initialisation (the
+    projection after a stage-1 checkpoint, LoRA adapters the file lacks)."""
+    return load_state(model, read_checkpoint(url_or_path), url_or_path)
+
+
+def read_checkpoint(url_or_path):
+    """The checkpoint dict {"model": state dict, ...} of a file or URL, or of a transformers directory."""
+    if os.path.isdir(url_or_path):
+        return {"model": read_transformers(url_or_path)[1]}
+    ckpt = load_checkpoint_file(url_or_path)
+    return ckpt if "model" in ckpt else {"model": ckpt}
+
+
+def _is_opt(name_or_dir):
+    path = os.path.join(name_or_dir, "config.json")
+    if os.path.isfile(path):
+        with open(path) as f:
+            config = json.load(f)
+        return config.get("text_config", config).get("model_type") == "opt"
+    return "opt" in os.path.basename(name_or_dir.rstrip("/")).lower()
 
 # What a stage-1 checkpoint holds and no stage-2 model has; without the instruction the Q-Former's text side too.
 STAGE1_HEADS = r"Qformer\.cls\.|vision_proj\.|text_proj\.|itm_head\.|temp$"
@@ -147,6 +273,15 @@ class Blip2LM(nn.Module):
     def embed(self, input_ids):
         return self.language_model.get_input_embeddings()(input_ids)
 
+    def with_soft_prompt(self, images, instructions, tokens):
+        """inputs_embeds [B, Q + L, D] and attention mask [B, Q + L] of `tokens` (input_ids and attention_mask
+        [B, L]) after the images' soft prompt; without images (None) the tokens alone."""
+        embeds, mask = self.embed(tokens.input_ids), tokens.attention_mask
+        if images is None:
+            return embeds, mask
+        prefix = self.soft_prompt(images, instructions)
+        return torch.cat([prefix, embeds], 1), torch.cat([mask.new_ones(prefix.shape[:2]), mask], 1)
+
     # ---------------------------------------------------------------------------------------------- generation
 
     @torch.no_grad()
@@ -154,9 +289,11 @@ class Blip2LM(nn.Module):
                  length_penalty=1.0, use_nucleus_sampling=False, top_p=0.9, temperature=1.0, num_captions=1):
         """New token ids [B * num_captions, T] given the soft prompt and `prompt` (one string for every image, or B
         of them; `self.prompt` unless given; InstructBLIP's instruction too), from transformers' generate on the
-        frozen LM: beam search, or nucleus sampling with `top_p`. Finished rows are padded."""
+        frozen LM: beam search, or nucleus sampling with `top_p`. Finished rows are padded. `images` None: the LM
+        alone, from the prompts (the text-only baseline)."""
         prompt = self.prompt if prompt is None else prompt
-        prompts = [prompt] * images.shape[0] if isinstance(prompt, str) else list(prompt)
+        batch = 1 if images is None else images.shape[0]
+        prompts = [prompt] * batch if isinstance(prompt, str) else list(prompt)
         embeds, mask = self.generation_inputs(images, prompts)
         # do_sample always given: some LMs' own generation configs sample (Vicuna v1.5's)
         sampling = dict(top_p=top_p, temperature=temperature) if use_nucleus_sampling else {}
@@ -252,13 +389,10 @@ class Blip2CausalLM(Blip2LM):
         return {"loss": token_mean_loss(logits, labels[:, 1:][self.predicting(labels)])}
 
     def generation_inputs(self, images, prompts):
-        """inputs_embeds [B, Q + P, D] and attention mask [B, Q + P]: the soft prompt, then the left-padded prompt
-        tokens (with the BOS)."""
-        prefix = self.soft_prompt(images, prompts)
+        """inputs_embeds [B, Q + P, D] and attention mask [B, Q + P]: the soft prompt (none without images), then
+        the left-padded prompt tokens (with the BOS)."""
         tokens = self.lm_tokenizer(prompts, padding="longest", padding_side="left", return_tensors="pt")
-        tokens = tokens.to(images.device)
-        mask = torch.cat([tokens.attention_mask.new_ones(prefix.shape[:2]), tokens.attention_mask], 1)
-        return torch.cat([prefix, self.embed(tokens.input_ids)], 1), mask
+        return self.with_soft_prompt(images, prompts, tokens.to(self.query_tokens.device))
 
 
 class Blip2T5(Blip2LM):
@@ -282,12 +416,10 @@ class Blip2T5(Blip2LM):
         return _tokenize(self.lm_tokenizer, text_input, max_length, "left" if self.qformer_text_input else "right")
 
     def encoder_inputs(self, images, text_input, max_length=None):
-        """inputs_embeds [B, Q + L, D] and attention mask [B, Q + L]: the soft prompt, then text_input's tokens
-        (cut to `max_length` unless None)."""
-        prefix = self.soft_prompt(images, text_input)
-        tokens = self.input_tokens(text_input, max_length).to(images.device)
-        mask = torch.cat([tokens.attention_mask.new_ones(prefix.shape[:2]), tokens.attention_mask], 1)
-        return torch.cat([prefix, self.embed(tokens.input_ids)], 1), mask
+        """inputs_embeds [B, Q + L, D] and attention mask [B, Q + L]: the soft prompt (none without images), then
+        text_input's tokens (cut to `max_length` unless None)."""
+        tokens = self.input_tokens(text_input, max_length).to(self.query_tokens.device)
+        return self.with_soft_prompt(images, text_input, tokens)
 
     def target_tokens(self, text_output, device):
         """Decoder labels [B, L] (text_output + `</s>`, padding -100) and their attention mask."""
@@ -368,15 +500,21 @@ def load_t5(name_or_dir, precision="bf16", dense_act_fn="gelu"):
 
 
 def _load(model_class, name_or_dir, precision, overrides=None):
+    """(model_class from `name_or_dir` in `precision`, its tokenizer); a transformers BLIP-2 / InstructBLIP
+    directory gives its language model (its text_config and `language_model.*` weights) and its tokenizer."""
+    name_or_dir = local_dir_or_hub_id(name_or_dir, "model.lm")
     try:
         tokenizer = AutoTokenizer.from_pretrained(name_or_dir)
         config = AutoConfig.from_pretrained(name_or_dir)
+        blip2 = hasattr(config, "qformer_config")  # its other weights (vision_model.*, qformer.*) are not read here
+        config = config.text_config if blip2 else config
         for key, value in (overrides or {}).items():
             setattr(config, key, value)
-        model = model_class.from_pretrained(name_or_dir, config=config, dtype=DTYPES[precision])
+        model = model_class.from_pretrained(name_or_dir, config=config, dtype=DTYPES[precision],
+                                            key_mapping={r"^language_model\.": ""} if blip2 else None)
     except OSError as e:
         raise InputError(f"cannot load the language model '{name_or_dir}' ({e}). Offline, run `hf download "
-                         f"{name_or_dir} --local-dir /path/to/lm` on a machine with internet and set the config to "
+                         f"{name_or_dir} --local-dir /path/to/lm` on a machine with internet and set model.lm to "
                          "that directory") from None
     return model, tokenizer
 
@@ -416,13 +554,21 @@ def load_state(model, checkpoint, source, load_lm=False):
 
     The LM's weights in the file are not used (the LM comes from its own files) unless `load_lm`, after which
     state_dict() holds them. LoRA adapters the file lacks keep their initialisation. Image-encoder weights in the
-    file set `model.vit_source`. Every problem is an InputError naming `source`."""
+    file set `model.vit_source`. Every problem is an InputError naming `source`. Returns the model's keys left at
+    their initialisation."""
     state = checkpoint.get("model", checkpoint)
+    refuse_other_families(state, source, ("stage1", "stage2", "hf_generation", "hf_retrieval"), "a stage-2 model "
+                          "loads BLIP-2 stage-1 or stage-2 checkpoints (LAVIS's, transformers', this project's)")
     if any(k.startswith(TRANSFORMERS_PREFIXES) for k in state):
         state = hf_to_lavis(state, model.lm_name)
+    other_lm = [name for name in LM_NAMES if name != model.lm_name and f"{name}_proj.weight" in state]
+    if other_lm:
+        raise InputError(f"{source} is a stage-2 checkpoint of another language model ({other_lm[0]}_proj); this "
+                         f"model.arch projects into {model.lm_name}_proj: set model.arch (and model.lm) as it was "
+                         "trained")
     vision = {k: v for k, v in state.items() if k.startswith("visual_encoder.")}
     if vision:
-        load_vision_weights(model.visual_encoder, vision)
+        load_vision_weights(model.visual_encoder, vision, source)
         model.vit_source = source
     elif model.visual_encoder.frozen and model.vit_source is None:
         recorded = checkpoint.get("config", {}).get("model", {})
@@ -462,13 +608,14 @@ def load_state(model, checkpoint, source, load_lm=False):
     if any("lora_" in k for k in absent):
         log(f"{source} has no LoRA adapters: they keep their initialisation")
     model.load_state_dict(theirs, strict=False)
+    return absent
 
 
 def to_transformers(state, lm_state=None):
     """A LAVIS-layout stage-2 state dict of any variant (`{opt,t5,llm}_proj`; the Q-Former's word embeddings mean
     InstructBLIP) and the LM's own state dict -> transformers' Blip2ForConditionalGeneration or
     InstructBlipForConditionalGeneration keys. `position_ids` (a constant) has no place there."""
-    lm = _lm_name(state)
+    lm = lm_name_of(state)
     instruct = "Qformer.bert.embeddings.word_embeddings.weight" in state
     return lavis_to_hf({**state, **{f"{lm}_model.{k}": v for k, v in (lm_state or {}).items()}}, instruct)
 
@@ -482,11 +629,20 @@ def from_transformers(hf, lm_name):
     return state, lm
 
 
-def _lm_name(state):
+def lm_name_of(state):
+    """LAVIS's name of the LM of a LAVIS-layout stage-2 state dict (one of LM_NAMES), from its projection."""
     for name in LM_NAMES:
         if f"{name}_proj.weight" in state:
             return name
     raise InputError(f"the state dict has no language-model projection ({', '.join(f'{n}_proj' for n in LM_NAMES)})")
+
+
+def lm_name_of_transformers(hf):
+    """LAVIS's name of the LM of a transformers BLIP-2 state dict, from its language_model.* keys: t5 (an
+    encoder-decoder), opt (OPT's model.decoder), llm (any other decoder)."""
+    if any(k.startswith("language_model.encoder.") for k in hf):
+        return "t5"
+    return "opt" if any(k.startswith("language_model.model.decoder.") for k in hf) else "llm"
 
 
 def read_transformers(directory):

@@ -16,7 +16,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.attention.bias import causal_lower_right
 
-from models.eva_vit import VisionConfig, create_vision_encoder, freeze_vision_encoder, load_vision_file, load_vision_weights
+from models.eva_vit import (VisionConfig, create_vision_encoder, freeze_vision_encoder, load_vision_file,
+                            load_vision_weights)
+from models.families import refuse_other_families
 from models.generation import beam_search, nucleus_sampling
 from models.qformer import build_qformer, causal_mask_with_query_prefix, load_bert_weights, padding_mask, unilm_mask
 from models.tokenizer import init_tokenizer
@@ -289,14 +291,17 @@ def load_checkpoint(model, url_or_path):
     """Load a stage-1 checkpoint (path or URL) into `model`: LAVIS's layout (`blip2_pretrained.pth`, this project's
     checkpoints) or transformers' Blip2ForImageTextRetrieval layout, in which `temp` and the ITG head's transform
     and bias are absent and keep their values. Image-encoder position embeddings are resampled to the model's
-    image size; a checkpoint without image-encoder weights leaves the encoder as it is."""
+    image size; a checkpoint without image-encoder weights leaves the encoder as it is. Returns the model's keys
+    left at their initialisation (`temp` and the ITG head after a transformers file)."""
     state = load_checkpoint_file(url_or_path)
     state = state.get("model", state)
+    refuse_other_families(state, url_or_path, ("stage1", "hf_retrieval"), "a stage-1 model loads LAVIS's "
+                          "blip2_pretrained.pth, a transformers Blip2ForImageTextRetrieval or its own checkpoints")
     if any(k.startswith("vision_model.") for k in state):
         state = from_hf_retrieval(state)
     vision = {k[len("visual_encoder."):]: v for k, v in state.items() if k.startswith("visual_encoder.")}
     if vision:
-        load_vision_weights(model.visual_encoder, vision)
+        load_vision_weights(model.visual_encoder, vision, url_or_path)
     else:
         log(f"{url_or_path} holds no image-encoder weights; the encoder keeps its own (model.vit_pretrained)")
 
@@ -315,6 +320,7 @@ def load_checkpoint(model, url_or_path):
     if absent:
         log(f"{url_or_path} has no {', '.join(sorted(absent)[:3])}...: they keep their initial values")
     model.load_state_dict(theirs, strict=False)
+    return absent
 
 
 def to_hf_retrieval(state):

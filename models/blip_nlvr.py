@@ -11,10 +11,11 @@ from typing import Literal, Optional
 import torch
 import torch.nn as nn
 
+from models.families import refuse_other_families
 from models.med import TEXT_SIZES, BertModel, BertSelfAttention, TextConfig
 from models.tokenizer import init_tokenizer
 from models.vit import create_vit, interpolate_pos_embed
-from utils import InputError, load_checkpoint_file, log
+from utils import Count, InputError, UnitInterval, Workers, check_patches, load_checkpoint_file, log
 
 
 @dataclass
@@ -22,14 +23,17 @@ class BlipNLVRConfig:
     """The `model:` section of an NLVR config."""
     arch: Literal["blip_nlvr"] = "blip_nlvr"
     vit: Literal["tiny", "base", "large"] = "base"
-    image_size: int = 384
-    patch_size: int = 16
-    drop_path_rate: float = 0.1
+    image_size: Count = 384
+    patch_size: Count = 16
+    drop_path_rate: UnitInterval = 0.1
     vit_grad_ckpt: bool = False
-    vit_ckpt_layer: int = 0                  # with vit_grad_ckpt: checkpoint the last N ViT blocks
+    vit_ckpt_layer: Workers = 0              # with vit_grad_ckpt: checkpoint the last N ViT blocks
     text_encoder: Literal["tiny", "base"] = "base"
     tokenizer: str = "bert-base-uncased"     # hub name or local directory with vocab.txt
     pretrained: Optional[str] = None         # path or URL: BLIP pre-trained or NLVR fine-tuned checkpoint
+
+    def validate(self):
+        return check_patches(self.image_size, self.patch_size)
 
 
 # The original (BLIP models/nlvr_encoder.py: `merge=(is_cross_attention and layer_num>=6)`) merges the two image
@@ -103,7 +107,8 @@ def create_model(cfg):
 
 
 def load_checkpoint(model, url_or_path):
-    """Load weights into a BlipNLVR from a local path or URL; returns the checkpoint keys it did not use.
+    """Load weights into a BlipNLVR from a local path or URL; returns the model's keys left at their
+    initialisation (merge_layer and cls_head after a pre-trained checkpoint; evaluation refuses them).
 
     - NLVR layout (`model_base_nlvr.pth`, this project's checkpoints): loaded strictly.
     - BLIP pre-trained layout (`model_base.pth`): each `crossattention.self.*` is copied to `self0` and `self1`,
@@ -113,6 +118,8 @@ def load_checkpoint(model, url_or_path):
     """
     state = load_checkpoint_file(url_or_path)
     state = {k.removeprefix("module."): v for k, v in state.get("model", state).items()}
+    refuse_other_families(state, url_or_path, ("nlvr", "blip"), "train_nlvr.py loads BLIP's pre-trained "
+                          "(model_base.pth) or NLVR fine-tuned (model_base_nlvr.pth) checkpoints, or its own")
     if "visual_encoder.pos_embed" in state:
         state["visual_encoder.pos_embed"] = interpolate_pos_embed(state["visual_encoder.pos_embed"],
                                                                   model.visual_encoder.patch_embed.num_patches)
@@ -137,7 +144,7 @@ def load_checkpoint(model, url_or_path):
         log(f"  newly initialised: {_by_prefix(missing)}")
     if unused:
         log(f"  unused checkpoint tensors: {_by_prefix(unused)}")
-    return unused
+    return missing
 
 
 def remap_pretrained(state):

@@ -20,8 +20,9 @@ import torch.nn.functional as F
 from timm.layers import DropPath, Mlp, PatchEmbed, trunc_normal_
 from torch.utils.checkpoint import checkpoint
 
+from models.families import describe
 from models.vit import init_vit_weights, interpolate_pos_embed
-from utils import InputError, load_checkpoint_file, log
+from utils import Count, InputError, UnitInterval, Workers, check_patches, load_checkpoint_file, log
 
 _LAVIS_BLIP2 = "https://storage.googleapis.com/sfr-vision-language-research/LAVIS/models/BLIP2"
 VISION_WEIGHT_URLS = {"eva_vit_g": f"{_LAVIS_BLIP2}/eva_vit_g.pth", "clip_vit_L": f"{_LAVIS_BLIP2}/clip_vit_L.pth"}
@@ -31,14 +32,17 @@ VISION_WEIGHT_URLS = {"eva_vit_g": f"{_LAVIS_BLIP2}/eva_vit_g.pth", "clip_vit_L"
 class VisionConfig:
     """The image-encoder keys of the BLIP-2 `model:` config sections."""
     vision: Literal["eva_vit_g", "clip_vit_L", "eva_tiny"] = "eva_vit_g"
-    image_size: int = 224
-    patch_size: Optional[int] = None          # null: the encoder's own (14 for EVA ViT-g and CLIP ViT-L)
+    image_size: Count = 224
+    patch_size: Optional[Count] = None        # null: the encoder's own (14 for EVA ViT-g and CLIP ViT-L)
     vit_pretrained: Optional[str] = None      # image-encoder weights (eva_vit_g.pth, clip_vit_L.pth): path or URL
     freeze_vit: bool = True
     vit_precision: Literal["fp16", "bf16", "fp32"] = "fp16"   # weights of the frozen encoder
-    drop_path_rate: float = 0.0
+    drop_path_rate: UnitInterval = 0.0
     vit_grad_ckpt: bool = False
-    vit_ckpt_layer: int = 0                   # with vit_grad_ckpt: checkpoint the last N blocks (trainable ViT only)
+    vit_ckpt_layer: Workers = 0               # with vit_grad_ckpt: checkpoint the last N blocks (trainable ViT only)
+
+    def validate(self):
+        return check_patches(self.image_size, self.patch_size or VISION_ENCODERS[self.vision][1]["patch_size"])
 
     def encoder_kwargs(self):
         """The image-encoder arguments of Blip2Qformer and Blip2OPT."""
@@ -241,10 +245,10 @@ def freeze_vision_encoder(encoder, dtype):
 def load_vision_file(encoder, url_or_path):
     """load_vision_weights from a checkpoint file (path or URL): an encoder's own (eva_vit_g.pth) or a model's."""
     state = load_checkpoint_file(url_or_path)
-    load_vision_weights(encoder, state.get("model", state))
+    load_vision_weights(encoder, state.get("model", state), url_or_path)
 
 
-def load_vision_weights(encoder, state_dict):
+def load_vision_weights(encoder, state_dict, source="the checkpoint"):
     """Load vision weights into `encoder`; returns the checkpoint keys it dropped.
 
     `state_dict` is flat: either the encoder's own keys (`eva_vit_g.pth`, `clip_vit_L.pth`) or a full BLIP-2
@@ -262,11 +266,12 @@ def load_vision_weights(encoder, state_dict):
     _resample_positions(state, expected)
     missing = [k for k in expected if k not in state]
     if missing:
-        raise InputError(f"the vision weights do not fit this {type(encoder).__name__}: {missing[0]} is missing "
-                         f"(missing in all: {_by_block(missing)}); pick the vision encoder they were made for")
+        raise InputError(f"the vision weights of {source} ({describe(state_dict)}) do not fit this "
+                         f"{type(encoder).__name__}: {missing[0]} is missing (missing in all: {_by_block(missing)}); "
+                         "pick the vision encoder (model.vision) they were made for")
     for key, value in state.items():
         if value.shape != expected[key].shape:
-            raise InputError(f"vision weight {key} has shape {list(value.shape)} but the encoder expects "
+            raise InputError(f"{source}: vision weight {key} has shape {list(value.shape)} but the encoder expects "
                              f"{list(expected[key].shape)}: the weights were made for another width, depth or "
                              f"patch size; pick the vision encoder (and patch_size) they were made for")
     encoder.load_state_dict(state)

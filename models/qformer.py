@@ -21,6 +21,7 @@ from transformers import BertForMaskedLM
 
 from models.med import (TEXT_SIZES, BertAttention, BertIntermediate, BertOutput, BertSelfAttention,
                         TextConfig, init_bert_weights)
+from models.tokenizer import local_dir_or_hub_id
 from utils import InputError, log
 
 
@@ -228,6 +229,7 @@ def load_bert_weights(qformer, name_or_dir):
     (word embeddings and LM bias keep their extra rows, e.g. `[DEC]`, at their own initialisation), query FFN copied
     from the text FFN, cross-attention left at its random initialisation. BERT's token-type embeddings and pooler
     are not used."""
+    name_or_dir = local_dir_or_hub_id(name_or_dir, "model.bert")
     try:
         bert = BertForMaskedLM.from_pretrained(name_or_dir)
     except OSError as e:

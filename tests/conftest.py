@@ -1,3 +1,4 @@
+import argparse
 import json
 import os
 import subprocess
@@ -10,7 +11,8 @@ import torch
 from data.synthetic import generate
 from data.utils import read_annotation
 from models.blip2_qformer import Blip2Qformer
-from train_demo_lm import build_demo_opt, build_demo_tokenizer
+from train_demo_lm import TOKENIZERS as LM_TOKENIZERS
+from train_demo_lm import build_demo_opt, build_demo_tokenizer, build_model
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -35,6 +37,23 @@ def opt_dir(demo_data, tmp_path_factory):
     build_demo_opt(tokenizer, hidden_size=32, num_layers=2, num_heads=2, ffn_dim=64).save_pretrained(out)
     tokenizer.save_pretrained(out)
     return out
+
+
+@pytest.fixture(scope="session")
+def lm_dirs(demo_data, tmp_path_factory):
+    """{"t5": dir, "llama": dir}: randomly initialised tiny LMs with tokenizers of the demo captions
+    (train_demo_lm's builders), saved like google/flan-t5-* and lmsys/vicuna-*."""
+    texts = [entry["caption"] for entry in read_annotation(str(demo_data / "coco_karpathy_train.json"))]
+    sizes = argparse.Namespace(hidden_size=32, num_layers=2, num_heads=2, ffn_dim=64, max_positions=128, dropout=0.1)
+    dirs = {}
+    for kind in ("t5", "llama"):
+        tokenizer = LM_TOKENIZERS[kind](texts)
+        torch.manual_seed(0)
+        out = tmp_path_factory.mktemp(kind)
+        build_model(kind, tokenizer, sizes).save_pretrained(out)
+        tokenizer.save_pretrained(out)
+        dirs[kind] = out
+    return dirs
 
 
 @pytest.fixture(scope="session")

@@ -193,7 +193,7 @@ def test_empty_sentences_fail_or_are_skipped(tmp_path, capsys):
     jpeg(tmp_path / "0.jpg")
     entries = [{"images": ["0.jpg", "0.jpg"], "sentence": s, "label": "True"} for s in ("left", "...", "right")]
     ann = write(tmp_path / "nlvr.json", entries)
-    with pytest.raises(InputError, match=rf"1 of 3 entries have a sentence that is empty .* e.g. .*nlvr.json\[1\]"):
+    with pytest.raises(InputError, match=r"1 of 3 entries have a sentence that is empty .* e.g. .*nlvr.json\[1\]"):
         NLVRDataset(ann, str(tmp_path), None)
     dataset = NLVRDataset(ann, str(tmp_path), None, skip_empty_text=True)
     assert [e["sentence"] for e in dataset.entries] == ["left", "right"]

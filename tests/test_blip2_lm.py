@@ -1,17 +1,22 @@
 import copy
+import re
 
 import pytest
 import torch
 from transformers import Blip2ForConditionalGeneration, InstructBlipForConditionalGeneration
 
-from models.blip2_lm import (Blip2CausalLM, Blip2T5, add_lora, from_transformers, load_causal_lm, load_state, load_t5,
-                             merge_lora, read_transformers, save_transformers, to_transformers)
-from models.blip2_opt import Blip2OPT, load_checkpoint
+from models.blip2_lm import (Blip2CausalLM, Blip2LMConfig, Blip2T5, add_lora, create_model, from_transformers,
+                             load_causal_lm, load_checkpoint, load_state, load_t5, merge_lora, read_transformers,
+                             save_transformers, to_transformers)
 from models.blip2_qformer import Blip2Qformer
 from models.eva_vit import ClipViT
-from tests.reference_lm import (TEXTS, bert_tokenizer, llama_tokenizer, opt_tokenizer, t5_tokenizer, text_config,
+from tests.reference_lm import (bert_tokenizer, llama_tokenizer, opt_tokenizer, t5_tokenizer, text_config,
                                 transformers_model)
+from tests.conftest import run_script
+from tests.stage2_ddp import TOKENIZERS
 from utils import InputError, TrainConfig, build_optimizer
+
+TORCHRUN = ("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2")
 
 TINY = dict(vision="eva_tiny", image_size=32, qformer="tiny", num_query_tokens=4, vit_precision="fp32",
             ln_vision_eps=1e-6)  # transformers' ln_vision takes the encoder's eps
@@ -42,38 +47,6 @@ def lm_inputs(ids, mask, num_query, image_token):
     """transformers' input_ids/attention_mask: image placeholder tokens where our soft prompt goes, then `ids`."""
     image_tokens = torch.full((ids.shape[0], num_query), image_token)
     return torch.cat([image_tokens, ids], 1), torch.cat([torch.ones_like(image_tokens), mask], 1)
-
-
-def test_with_opt_it_is_blip2opt_exactly(tokenizers, tmp_path):
-    tokenizer = tokenizers["opt"]
-    hf = transformers_model("opt", tokenizer, num_query_tokens=32)
-    torch.save({"model": hf.state_dict()}, tmp_path / "hf.pth")
-    reference = Blip2OPT(copy.deepcopy(hf.language_model), tokenizer, **{**TINY, "num_query_tokens": 32})
-    load_checkpoint(reference, str(tmp_path / "hf.pth"))
-    ours = Blip2CausalLM(copy.deepcopy(hf.language_model), tokenizer, lm_dropout=False,
-                         **{**TINY, "num_query_tokens": 32})
-    load_state(ours, hf.state_dict(), "hf")
-    assert ours.opt_proj.weight.shape == (64, 128) and ours.eos_token_id == reference.eos_token_id
-    reference.prompt = ours.prompt = "a photo of"
-    prompts, captions, images = ["a photo of"] * 3, TEXTS[:3], torch.randn(3, 3, 32, 32)
-    ids, mask, labels = reference.caption_tokens(captions, "cpu")
-    assert all(torch.equal(a, b) for a, b in zip(ours.text_tokens(prompts, captions, "cpu"), (ids, mask, labels)))
-    for mode in (False, True):  # train mode: the same Q-Former dropout; the OPT's off in both
-        reference.train(mode), ours.train(mode)
-        torch.manual_seed(1)
-        expected = reference(images, captions)["loss"]
-        torch.manual_seed(1)
-        assert torch.equal(ours(images, prompts, captions)["loss"], expected), mode
-    reference.eval(), ours.eval()
-    with torch.no_grad():
-        assert torch.equal(ours.soft_prompt(images), reference.soft_prompt(images))
-        assert torch.equal(ours.text_logits(images, ids, mask, labels, prompts),
-                           reference.caption_logits(images, ids, mask).flatten(0, 1))
-    for num_beams in (1, 3):
-        kwargs = dict(num_beams=num_beams, max_new_tokens=6, min_new_tokens=2, length_penalty=0.5)
-        assert torch.equal(ours.generate(images, **kwargs), reference.generate(images, **kwargs))
-    kwargs = dict(num_beams=2, max_new_tokens=4, min_new_tokens=1)
-    assert ours.caption(images, **kwargs) == reference.caption(images, **kwargs)
 
 
 @pytest.mark.parametrize("kind,instruct", VARIANTS)
@@ -241,6 +214,25 @@ def test_export_loads_in_transformers_with_our_logits(tokenizers, tmp_path, kind
             assert torch.equal(theirs[key], value), key
 
 
+@pytest.mark.parametrize("kind,instruct,arch", [("t5", False, "blip2_t5"), ("llama", True, "blip2_llm_instruct")])
+def test_a_transformers_directory_is_the_config_s_lm_and_checkpoint(tokenizers, tmp_path, kind, instruct, arch):
+    """Salesforce/blip2-flan-t5-xl or instructblip-vicuna-7b downloaded: model.lm and model.pretrained name it."""
+    _, ours = pair(tokenizers, kind, instruct)
+    save_transformers(ours, tmp_path / "hf")
+    ours.lm_tokenizer.save_pretrained(tmp_path / "hf")  # the released directories hold their tokenizer
+    (tmp_path / "bert").mkdir()
+    bert_tokenizer(tmp_path / "bert")
+    cfg = Blip2LMConfig(arch=arch, vision="eva_tiny", image_size=32, qformer="tiny", num_query_tokens=4,
+                        vit_precision="fp32", lm=str(tmp_path / "hf"), lm_precision="fp32", max_txt_len=64,
+                        tokenizer=str(tmp_path / "bert"), pretrained=str(tmp_path / "hf"))
+    model, _ = create_model(cfg)
+    load_checkpoint(model, cfg.pretrained)
+    for part in (lambda m: m, lambda m: m.visual_encoder, lambda m: m.language_model):
+        theirs = part(model).state_dict()
+        for key, value in part(ours).state_dict().items():
+            assert torch.equal(theirs[key], value), key
+
+
 def test_export_refuses_what_transformers_cannot_hold(tokenizers, tmp_path):
     _, model = pair(tokenizers, "llama", False)
     add_lora(model)
@@ -355,7 +347,8 @@ def test_stage1_and_own_checkpoints_load_and_mismatches_are_explained(tokenizers
     with pytest.raises(InputError, match="own.pth does not fit.*unexpected Qformer.bert.embeddings"):
         load_state(wrong, own, "own.pth")
     _, wrong = pair(tokenizers, "llama", True)
-    with pytest.raises(InputError, match="own.pth does not fit.*(unexpected t5_proj|missing llm_proj)"):
+    with pytest.raises(InputError, match=r"own.pth is a stage-2 checkpoint of another language model \(t5_proj\); "
+                                         "this model.arch projects into llm_proj"):
         load_state(wrong, own, "own.pth")
     with pytest.raises(InputError, match="no_proj.pth does not fit.*missing t5_proj.weight"):
         load_state(model, {"model": {k: v for k, v in own["model"].items() if "_proj." not in k}}, "no_proj.pth")
@@ -380,8 +373,8 @@ def test_loaders_set_precision_and_lavis_activation(tokenizers, tmp_path):
     t5, loaded_tokenizer = load_t5(str(tmp_path / "t5"))
     assert t5.dtype == torch.bfloat16 and t5.config.dense_act_fn == "gelu" and len(loaded_tokenizer) == len(tokenizer)
     assert load_t5(str(tmp_path / "t5"), "fp32", dense_act_fn=None)[0].config.dense_act_fn == "gelu_new"
-    with pytest.raises(InputError, match="cannot load the language model"):
-        load_causal_lm(str(tmp_path / "missing"))
+    with pytest.raises(InputError, match=r"model.lm .*missing: directory .* does not exist"):
+        load_causal_lm(str(tmp_path / "missing"))  # a path: no hub call
 
 
 def test_bf16_t5_trains_fp32_weights_with_an_fp32_loss(tokenizers):
@@ -393,3 +386,20 @@ def test_bf16_t5_trains_fp32_weights_with_an_fp32_loss(tokenizers):
     loss.backward()
     assert model.t5_proj.weight.grad.dtype == torch.float32
     assert all(p.dtype == torch.float32 for p in model.parameters() if p.requires_grad)
+
+
+@pytest.mark.parametrize("lm,instruct", [("opt", False), ("t5", False), ("t5", True), ("llama", True)])
+def test_two_processes_give_the_loss_and_gradients_of_one(tmp_path, lm, instruct):
+    TOKENIZERS[lm]().save_pretrained(tmp_path / "tokenizer")
+    options = ["--lm", lm, "--tokenizer", tmp_path / "tokenizer"] + (["--instruct"] if instruct else [])
+    run_script("tests/stage2_ddp.py", "--out", tmp_path / "one.pt", *options)
+    run_script(*TORCHRUN, "tests/stage2_ddp.py", "--out", tmp_path / "two.pt", *options)
+    one, two = (torch.load(tmp_path / name, weights_only=True) for name in ("one.pt", "two.pt"))
+    torch.testing.assert_close(two["loss"], one["loss"], atol=1e-6, rtol=1e-6)
+    assert one["grads"].keys() == two["grads"].keys() and not any("_model." in k for k in one["grads"])
+    assert any(k.startswith("Qformer.bert.embeddings.word_embeddings") for k in one["grads"]) == instruct
+    # InstructBLIP: the last layer's text FFN feeds no query output (only queries are projected): no gradient
+    unused = re.compile(r"Qformer\.bert\.encoder\.layer\.3\.(intermediate|output)\.")
+    for name, grad in one["grads"].items():
+        assert grad is not None and (grad.abs().sum() > 0) != bool(unused.match(name)), name
+        torch.testing.assert_close(two["grads"][name], grad, atol=1e-6, rtol=1e-4, msg=name)

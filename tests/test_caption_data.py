@@ -8,7 +8,8 @@ from PIL import Image
 from torchvision import transforms
 
 from data import synthetic
-from data.caption import CaptionDataset, CaptionSource, RetrievalDataset
+from data.caption import (CAPTION_INSTRUCTIONS, CaptionDataConfig, CaptionDataset, CaptionSource, RetrievalDataset,
+                          VQASplitConfig, caption_train_set)
 from data.transforms import eval_transform, train_transform
 from data.utils import pre_caption
 from models.tokenizer import init_tokenizer
@@ -56,9 +57,51 @@ def test_formats_load_with_one_id_per_image_and_source(tmp_path):
         ("a dog running", 0), ("a cat", 1), ("another dog", 0), ("x", 2), ("y", 3), ("z", 2),
         ("same raw id as coco", 4), ("an integer id", 5)]
     assert dataset.num_images == 6 and len(dataset) == 8
-    image, caption, image_id = dataset[3]
-    assert (caption, image_id) == ("x", 2)
+    image, text_input, caption, image_id = dataset[3]
+    assert (text_input, caption, image_id) == ("", "x", 2)
     assert torch.equal(image, eval_transform(8)(Image.open(tmp_path / "vg/b.png")))
+
+
+def test_text_pairs_prompts_instructions_and_the_prefix_lm_split(tmp_path):
+    images(tmp_path, "a.png", "b.png")
+    captions = write(tmp_path / "captions.json", [{"image": "a.png", "caption": "A red circle at the top left."}])
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text('{"image": "b.png", "text_input": " What colour is the circle? ", "text_output": "Red."}\n')
+    source, pair_source = CaptionSource(str(captions), str(tmp_path)), CaptionSource(str(pairs), str(tmp_path))
+    prompted = CaptionDataset([source, pair_source], None, prompt="a photo of")
+    assert [prompted.texts(i) for i in range(2)] == [("a photo of", "a red circle at the top left", 0),
+                                                    ("a photo of What colour is the circle?", "red", 1)]
+    templates = CaptionDataset([CaptionSource(str(captions), str(tmp_path), instructions="lavis")], None)
+    drawn = set()
+    for seed in range(60):
+        torch.manual_seed(seed)
+        text_input, caption, _ = templates.texts(0)
+        drawn.add(text_input)
+        assert caption == "a red circle at the top left"
+    assert drawn == {t.lower() for t in CAPTION_INSTRUCTIONS}  # all 14, lower-cased as LAVIS's processor
+
+    split = CaptionDataset([source], None, prefix_lm=True)
+    words, cuts = "a red circle at the top left".split(), set()
+    for seed in range(80):
+        torch.manual_seed(seed)
+        text_input, text_output, _ = split.texts(0)
+        prefix = text_input.split() if text_input else []
+        assert prefix + text_output.split() == words and text_output  # a prefix and a non-empty rest
+        cuts.add(len(prefix))
+    assert cuts == set(range(len(words)))
+
+
+def test_training_sets_mix_caption_files_and_vqa_splits(demo_data):
+    vqa = VQASplitConfig(str(demo_data / "vqa_train_questions.json"), str(demo_data / "vqa_train_annotations.json"),
+                         str(demo_data), "images/caption_train/synthetic_{image_id:012d}.png")
+    cfg = CaptionDataConfig(train=[CaptionSource(str(demo_data / "coco_karpathy_train.json"), str(demo_data)), vqa],
+                            val_file="val.json", num_workers=0)
+    dataset = caption_train_set(cfg, 32, prompt="a photo of")
+    captions, questions = dataset.datasets
+    assert len(dataset) == len(captions) + len(questions) and len(questions) == 3 * 24
+    _, text_input, answer, _ = dataset[len(captions)]
+    assert text_input.startswith("Question: ") and text_input.endswith(" Short answer:") and answer
+    assert dataset[0][1] == "a photo of"
 
 
 def test_captions_are_cut_to_max_words(tmp_path):
@@ -310,8 +353,8 @@ def test_the_datasets_read_the_synthetic_files(demo_data):
     train = CaptionDataset([CaptionSource(str(demo_data / "coco_karpathy_train.json"), str(demo_data))],
                            train_transform(32, hflip=False))
     assert len(train) == 48 and train.num_images == 24
-    image, caption, image_id = train[5]
-    assert image.shape == (3, 32, 32) and image_id == 2 and ":" not in caption
+    image, text_input, caption, image_id = train[5]
+    assert image.shape == (3, 32, 32) and image_id == 2 and ":" not in caption and text_input == ""
     test = RetrievalDataset(str(demo_data / "coco_karpathy_test.json"), str(demo_data), eval_transform(32))
     assert len(test) == 8 and len(test.text) == 40
 

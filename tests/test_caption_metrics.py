@@ -12,6 +12,7 @@ import torch
 from torch.utils.data import DataLoader
 
 import eval_caption
+import utils
 from data.caption import RetrievalDataset
 from data.loader import ShardSampler, eval_loader
 from data.transforms import eval_transform
@@ -251,21 +252,21 @@ def test_generate_captions_merges_the_shards_of_two_ranks(demo_data, monkeypatch
     caption_fn = captioner(dataset, lambda i: f"image {i}")
     loader = DataLoader(dataset, batch_size=3, sampler=ShardSampler(dataset, 0, 2))
     rank1 = [(i, f"image {i}") for i in ShardSampler(dataset, 1, 2)]
-    monkeypatch.setattr(eval_caption, "all_gather_object", lambda local: [local, rank1])
+    monkeypatch.setattr(utils, "all_gather_object", lambda local: [local, rank1])
     assert generate_captions(caption_fn, loader) == [{"image_id": dataset.image_ids[i], "caption": f"image {i}"}
                                                      for i in range(len(dataset))]
 
-    monkeypatch.setattr(eval_caption, "all_gather_object", lambda local: [local, rank1, rank1[:1]])
+    monkeypatch.setattr(utils, "all_gather_object", lambda local: [local, rank1, rank1[:1]])
     with pytest.raises(RuntimeError, match=r"repeated \[1\], missing \[\]"):
         generate_captions(caption_fn, loader)
-    monkeypatch.setattr(eval_caption, "all_gather_object", lambda local: [local])
+    monkeypatch.setattr(utils, "all_gather_object", lambda local: [local])
     with pytest.raises(RuntimeError, match=r"repeated \[\], missing \[1, 3, 5, 7\]"):
         generate_captions(caption_fn, loader)
 
 
 def test_caption_fn_must_caption_every_image(demo_data):
     dataset = val_dataset(demo_data)
-    with pytest.raises(ValueError, match="returned 1 captions for a batch of 3 images"):
+    with pytest.raises(ValueError, match="returned 1 texts for a batch of 3 items"):
         generate_captions(lambda images: ["one"], eval_loader(dataset, 3, num_workers=0))
 
 

@@ -4,7 +4,7 @@ import re
 import pytest
 
 from eval_caption import CaptionConfig
-from models.blip2_opt import Blip2OPTConfig
+from models.blip2_lm import Blip2LMConfig
 from models.blip2_qformer import Blip2QformerConfig
 from models.blip_nlvr import BlipNLVRConfig
 from train_nlvr import NLVRConfig
@@ -85,7 +85,8 @@ CAPTION = "data:\n  test_file: t.json\nmodel:\n  arch: {arch}\n  {key}: {value}\
 
 
 @pytest.mark.parametrize("arch, key, value, schema", [
-    ("blip2_opt", "prompt", "a photo of", Blip2OPTConfig),
+    ("blip2_opt", "prompt", "a photo of", Blip2LMConfig),
+    ("blip2_t5_instruct", "lm", "google/flan-t5-xl", Blip2LMConfig),
     ("blip2_qformer", "embed_dim", 64, Blip2QformerConfig),
 ])
 def test_model_section_is_read_by_its_arch(tmp_path, arch, key, value, schema):
@@ -95,9 +96,10 @@ def test_model_section_is_read_by_its_arch(tmp_path, arch, key, value, schema):
 
 
 @pytest.mark.parametrize("text, message", [
-    ("data: {}\nmodel:\n  prompt: hi\n", "model.arch must say which model this is, one of blip2_opt, blip2_qformer; "
-                                         "got None"),
-    ("data: {}\nmodel:\n  arch: blip_nlvr\n", "got 'blip_nlvr'"),
+    ("data: {}\nmodel:\n  prompt: hi\n", "model.arch must say which model this is, one of blip2_opt, blip2_llm, "
+                                         "blip2_llm_instruct, blip2_t5, blip2_t5_instruct, blip2_qformer; got None"),
+    ("data: {}\nmodel:\n  arch: blip_nlvr\n", "is a config of model.arch blip_nlvr, which train_nlvr.py reads"),
+    ("data: {}\nmodel:\n  arch: blip3\n", "got 'blip3'"),
     ("data: {}\nmodel:\n  arch: blip2_qformer\n  prompt: hi\n", "unknown key 'model.prompt'"),
 ])
 def test_model_section_without_a_known_arch_is_refused(tmp_path, text, message):
@@ -105,14 +107,62 @@ def test_model_section_without_a_known_arch_is_refused(tmp_path, text, message):
         load_config(write(tmp_path, text), CaptionConfig)
 
 
-def test_trainer_refuses_another_models_arch(tmp_path):
-    with pytest.raises(InputError, match=re.escape("model.arch must be one of blip_nlvr; got 'blip2_opt'")):
-        load_config(write(tmp_path, BASE + "model:\n  arch: blip2_opt\n"), NLVRConfig)
+def test_a_config_of_another_script_is_named_before_its_keys_are_read(tmp_path):
+    """A stage-1 config given to train_nlvr.py: its arch, not its first unknown key (data.train), is the message."""
+    text = "model:\n  arch: blip2_qformer\n  embed_dim: 64\ndata:\n  train: []\n  eval_max_words: 30\n"
+    with pytest.raises(InputError, match=re.escape("is a config of model.arch blip2_qformer, which train_blip2_stage1.py,"
+                                                   " eval_retrieval.py or eval_caption.py reads; this script reads "
+                                                   "model.arch blip_nlvr")):
+        load_config(write(tmp_path, text), NLVRConfig)
+
+
+@pytest.mark.parametrize("text, origin, mapped", [
+    ("image_root: '/export/share/datasets/vision/NLVR2/'\nann_root: annotation\npretrained: model_base.pth\n"
+     "vit: base\nbatch_size_train: 16\nbatch_size_test: 64\nmax_epoch: 15\nimage_size: 384\ninit_lr: 3e-5\n",
+     "BLIP", ["init_lr -> train.lr", "image_root -> data.image_root", "max_epoch -> train.epochs",
+              "batch_size_test -> eval.batch_size"]),
+    ("model:\n  arch: blip2_opt\n  model_type: pretrain_opt2.7b\ndatasets:\n  coco_caption: {}\nrun:\n"
+     "  init_lr: 1e-4\n  max_epoch: 10\n", "LAVIS", ["run.init_lr -> train.lr", "model.num_query_token -> "
+                                                     "model.num_query_tokens"]),
+])
+def test_an_original_blip_or_lavis_config_is_answered_with_the_key_mapping(tmp_path, text, origin, mapped):
+    with pytest.raises(InputError) as error:
+        load_config(write(tmp_path, text), NLVRConfig)
+    message = str(error.value)
+    assert f"is a config of the original {origin} code, not of this project" in message
+    assert all(pair in message for pair in mapped), message
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.epochs=0", "train.epochs must be at least 1; got 0"),
+    ("train.epochs=-1", "train.epochs must be at least 1; got -1"),
+    ("train.max_steps=0", "train.max_steps must be at least 1; got 0"),
+    ("train.batch_size=0", "train.batch_size must be at least 1; got 0"),
+    ("train.batch_size=-4", "train.batch_size must be at least 1; got -4"),
+    ("train.lr=-1e-4", "train.lr must be greater than 0; got -0.0001"),
+    ("train.weight_decay=-0.1", "train.weight_decay must be at least 0; got -0.1"),
+    ("data.num_workers=-1", "data.num_workers must be at least 0; got -1"),
+    ("data.crop_scale=[1.0, 0.5]", "data.crop_scale must be [a, b] with 0 < a <= b <= 1; got (1.0, 0.5)"),
+    ("data.max_words=0", "data.max_words must be at least 1; got 0"),
+    ("model.image_size=40", "model.image_size 40 is not a multiple of patch_size 16: the last 8 pixels"),
+    ("eval.batch_size=0", "eval.batch_size must be at least 1; got 0"),
+])
+def test_numbers_out_of_range_are_named_with_the_bound(tmp_path, override, message):
+    with pytest.raises(InputError, match=re.escape(message)):
+        load_config(write(tmp_path, BASE), NLVRConfig, [override])
+
+
+def test_cross_key_checks_run_after_the_overrides(tmp_path):
+    with pytest.raises(InputError, match=re.escape("eval.min_new_tokens (40) exceeds max_new_tokens (30)")):
+        load_config(write(tmp_path, CAPTION.format(arch="blip2_opt", key="prompt", value="x")), CaptionConfig,
+                    ["eval.min_new_tokens=40"])
+    load_config(write(tmp_path, CAPTION.format(arch="blip2_opt", key="prompt", value="x")), CaptionConfig,
+                ["eval.min_new_tokens=40", "eval.max_new_tokens=50"])
 
 
 def test_config_section_ignores_the_other_sections(tmp_path):
     path = write(tmp_path, BASE + "model:\n  arch: blip_nlvr\n  vit: tiny\ntrain:\n  whatever: 1\n")
-    cfg = config_section(path, "model", BlipNLVRConfig | Blip2OPTConfig)
+    cfg = config_section(path, "model", BlipNLVRConfig | Blip2LMConfig)
     assert cfg == BlipNLVRConfig(vit="tiny")
     with pytest.raises(InputError, match="has no 'model' section"):
         config_section(write(tmp_path, BASE), "model", BlipNLVRConfig)

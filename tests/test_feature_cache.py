@@ -21,7 +21,8 @@ from data.feature_cache import META, TOKENS, FeatureCacheDataset, build_feature_
 from data.transforms import eval_transform
 from models.blip2_qformer import Blip2Qformer
 from tests.conftest import ROOT, read_log, run_script
-from tests.stage2_ddp import CAPTIONS, tiny_stage2_model
+from tests.reference_lm import opt_tokenizer
+from tests.stage2_ddp import INSTRUCTIONS, TEXTS, tiny_stage2_model
 from tests.test_train_blip2_stage2 import stage2_config
 from utils import InputError
 
@@ -86,13 +87,13 @@ def test_wrapped_items_are_the_caption_sets_with_tokens_for_images(demo_data, tm
     cached = FeatureCacheDataset(dataset, str(tmp_path))
     assert len(cached) == len(dataset) and len(set(entry["image_id"] for entry in dataset.entries)) < len(dataset)
     for index in range(len(dataset)):
-        image, caption, image_id = dataset[index]
-        tokens, cached_caption, cached_id = cached[index]
-        assert (cached_caption, cached_id) == (caption, image_id)
+        image, *texts = dataset[index]
+        tokens, *cached_texts = cached[index]
+        assert cached_texts == texts and texts[0] == ""  # (text_input, caption, image_id)
         assert torch.equal(tokens, model.visual_encoder(image[None])[0])
     # What a training loader with a worker process reads.
     loader = torch.utils.data.DataLoader(cached, batch_size=len(cached), num_workers=1)
-    tokens, captions, image_ids = next(iter(loader))
+    tokens, _, captions, image_ids = next(iter(loader))
     assert torch.equal(tokens, torch.stack([cached[i][0] for i in range(len(cached))]))
     assert list(captions) == [entry["caption"] for entry in dataset.entries]
     assert image_ids.tolist() == [entry["image_id"] for entry in dataset.entries]
@@ -129,13 +130,14 @@ def test_stage1_losses_and_gradients_from_cached_tokens_equal_those_from_images(
     assert image_grads["ln_vision.weight"].abs().sum() > 0
 
 
-def test_stage2_soft_prompt_and_loss_from_tokens_equal_those_from_images():
-    model = tiny_stage2_model().eval()
-    images = torch.randn(len(CAPTIONS), 3, 32, 32, generator=torch.Generator().manual_seed(1))
+def test_stage2_soft_prompt_and_loss_from_tokens_equal_those_from_images(tmp_path):
+    opt_tokenizer().save_pretrained(tmp_path)
+    model = tiny_stage2_model("opt", tmp_path, instruct=False).eval()
+    images = torch.randn(len(TEXTS), 3, 32, 32, generator=torch.Generator().manual_seed(1))
     tokens = model.visual_encoder(images)
     assert tokens.dim() == 3
     assert torch.equal(model.soft_prompt(tokens), model.soft_prompt(images))
-    assert torch.equal(model(tokens, CAPTIONS)["loss"], model(images, CAPTIONS)["loss"])
+    assert torch.equal(model(tokens, INSTRUCTIONS, TEXTS)["loss"], model(images, INSTRUCTIONS, TEXTS)["loss"])
 
 
 def test_a_matching_cache_is_reused_and_any_change_rebuilds_it(demo_data, tmp_path, capsys):
@@ -209,7 +211,7 @@ def test_stage2_training_on_cached_tokens_logs_the_losses_of_training_on_images(
 
 def test_two_processes_build_the_cache_of_one(demo_data, tmp_path):
     config = demo_config(tmp_path, demo_data)
-    options = ["train.epochs=0", "train.batch_size=8", "data.test_file=null", "data.augment=false",
+    options = ["train.max_steps=1", "train.batch_size=8", "data.test_file=null", "data.augment=false",
                "eval.batch_size=1"]
     for name, launch in (("one", ()), ("two", TORCHRUN)):
         run_script(*launch, "train_blip2_stage1.py", "--config", config, "--output_dir", tmp_path / f"out_{name}",

@@ -8,7 +8,7 @@ from PIL import Image
 
 from data.transforms import eval_transform
 from data.utils import pre_caption, read_annotation
-from models import blip2_opt, blip2_qformer, blip_nlvr
+from models import blip2_lm, blip2_qformer, blip_nlvr
 from models.blip2_qformer import decode_captions
 from models.inference import caption_images, image_text_scores, load_model_and_preprocess, predict_nlvr
 from models.tokenizer import init_tokenizer
@@ -66,8 +66,8 @@ def opt(demo_data, tmp_path_factory):
             param.mul_(10.0 if param.dim() == 2 else 1.0)
     lm.save_pretrained(opt_dir)
     tokenizer.save_pretrained(opt_dir)
-    fields = dict(arch="blip2_opt", **VISION, opt_model=str(opt_dir), opt_precision="fp32")
-    ref, config, ckpt = build(blip2_opt, blip2_opt.Blip2OPTConfig, fields, tmp_path_factory.mktemp("o"))
+    fields = dict(arch="blip2_opt", **VISION, lm=str(opt_dir), lm_precision="fp32")
+    ref, config, ckpt = build(blip2_lm, blip2_lm.Blip2LMConfig, fields, tmp_path_factory.mktemp("o"))
     return ref, config, ckpt, load(config, ckpt)
 
 
@@ -109,7 +109,7 @@ def test_load_model_and_preprocess(arch, request):
     assert set(model.state_dict()) == set(saved) - vit_keys
     for key, value in saved.items():
         assert torch.equal(loaded[key], value), key
-    if arch == "opt":  # the frozen OPT, absent from the checkpoint, is the one of model.opt_model
+    if arch == "opt":  # the frozen OPT, absent from the checkpoint, is the one of model.lm
         for key, value in ref.opt_model.state_dict().items():
             assert torch.equal(model.opt_model.state_dict()[key], value), key
 
@@ -243,7 +243,7 @@ def test_wrong_model_errors(qformer, nlvr, demo_data):
     images = caption_images_of(demo_data)[0]
     with pytest.raises(InputError, match="BlipNLVR.*blip2_qformer"):
         image_text_scores(n_model, n_image, n_text, images, ["a red square"])
-    with pytest.raises(InputError, match="BlipNLVR.*blip2_opt or blip2_qformer"):
+    with pytest.raises(InputError, match="BlipNLVR does not caption; use a stage-2 or blip2_qformer config"):
         caption_images(n_model, n_image, n_text, images)
     with pytest.raises(InputError, match="Blip2Qformer.*blip_nlvr"):
         predict_nlvr(q_model, q_image, q_text, images[0], images[1], "a red square")

@@ -2,7 +2,6 @@
 rules for changed configs, failed and partial checkpoint writes, launchers."""
 
 import json
-import math
 import os
 import signal
 import socket
