@@ -10,8 +10,9 @@ the test split is evaluated at the end with the best weights.
 from dataclasses import dataclass, field
 from functools import partial
 
-from data.caption import CaptionDataConfig, CaptionSource, caption_train_set
+from data.caption import CaptionDataConfig, CaptionSource, caption_train_set, training_texts
 from data.feature_cache import caption_train_loader
+from data.shards import ShardSource
 from eval_retrieval import RETRIEVAL_UNUSED, RetrievalEvalConfig, retrieval_evaluator, retrieval_loaders
 from models.blip2_qformer import Blip2QformerConfig, create_model, init_from_bert, load_checkpoint
 from models.inference import load_for_evaluation
@@ -52,13 +53,14 @@ def main(argv=None):
             write_evaluation(run, {split: evaluate(model, loader, header=split) for split, loader in loaders.items()})
             return
 
-        if not cfg.data.val_file or any(not isinstance(s, CaptionSource) for s in cfg.data.train):
+        if not cfg.data.val_file or any(not isinstance(s, (CaptionSource, ShardSource)) for s in cfg.data.train):
             raise InputError("stage 1 trains on captions and picks the best epoch by retrieval: data.train must list "
-                             "caption files ({ann_file, image_root}) and data.val_file a Karpathy-format split")
-        train_set = caption_train_set(cfg.data, cfg.model.image_size)
-        check_unknown_tokens(tokenizer, [e["caption"] for e in train_set.entries], cfg.data.allow_unknown_tokens)
+                             "caption files ({ann_file, image_root}) or shards ({url}), and data.val_file a "
+                             "Karpathy-format split")
+        train_set = caption_train_set(cfg.data, cfg.model.image_size, seed=cfg.train.seed)
+        check_unknown_tokens(tokenizer, training_texts(train_set)[1], cfg.data.allow_unknown_tokens)
         state = start_training(run, model, load_checkpoint, init_from_bert(cfg.model))
-        loader = caption_train_loader(run, model, train_set)
+        loader = caption_train_loader(state, train_set)
         loss_fn = partial(stage1_loss, tokenizer=tokenizer, max_txt_len=cfg.model.max_txt_len,
                           same_image_positives=cfg.model.same_image_positives, device=run.device)
 

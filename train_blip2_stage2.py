@@ -62,13 +62,13 @@ def main(argv=None):
             write_evaluation(run, evaluate(caption_sets, vqa_sets))
             return
 
-        train_set = caption_train_set(cfg.data, cfg.model.image_size, cfg.model.prompt)
+        train_set = caption_train_set(cfg.data, cfg.model.image_size, cfg.model.prompt, cfg.train.seed)
         inputs, outputs = training_texts(train_set)
         check_unknown_tokens(tokenizer, inputs + outputs, cfg.data.allow_unknown_tokens)  # skipped for byte-level BPE
         if model.qformer_text_input:
             check_unknown_tokens(model.qformer_tokenizer, inputs, cfg.data.allow_unknown_tokens)
         state = start_training(run, model, load_checkpoint)
-        loader = caption_train_loader(run, model, train_set)
+        loader = caption_train_loader(state, train_set)
         caption_fn = caption_function(model, tokenizer, generation_options(cfg.eval), run)
 
         def validate(at):

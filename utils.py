@@ -42,6 +42,7 @@ from ruamel.yaml import YAML
 from ruamel.yaml.error import YAMLError
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.parallel import DistributedDataParallel
+from torch.utils.tensorboard import SummaryWriter
 
 
 class InputError(Exception):
@@ -307,6 +308,7 @@ class TrainConfig:
     save_every_steps: typing.Optional[Count] = None  # checkpoint_last.pth also every N steps (besides epoch ends)
     eval_every_steps: typing.Optional[Count] = None  # validation also every N steps (besides epoch ends)
     dist_timeout_s: Count = 1800              # how long collectives wait for a rank that hangs
+    tensorboard: bool = False                 # also write the step records to output_dir/tensorboard/
     # The fast path (BENCHMARKS.md measures each switch).
     fused_adamw: bool = False                 # AdamW's fused kernel (CUDA and CPU); off: the for-each/loop one
     attention: typing.Literal["auto", "flash", "efficient", "cudnn", "math"] = "auto"  # SDPA kernels in training
@@ -785,9 +787,14 @@ def append_log(output_dir, stats):
 
 
 def truncate_log(output_dir, last_step):
-    """Drop log.txt lines after optimizer step `last_step` (written by a run that died before checkpointing that
-    step, which the resumed run writes again), and lines without a step (the final test results, likewise)."""
-    path = os.path.join(output_dir, "log.txt")
+    """Drop the log.txt and train_steps.jsonl lines after optimizer step `last_step` (written by a run that died
+    before checkpointing that step, which the resumed run writes again), and lines without a step (the final test
+    results, likewise)."""
+    for name in ("log.txt", "train_steps.jsonl"):
+        _truncate_records(os.path.join(output_dir, name), last_step)
+
+
+def _truncate_records(path, last_step):
     if os.path.exists(path):
         with open(path) as f:
             lines = [line for line in f if line.strip() and json.loads(line).get("step", math.inf) <= last_step]
@@ -1154,6 +1161,49 @@ def save_last(state):
     barrier()
 
 
+class StepRecords:
+    """Every train.print_freq optimiser steps a record of the step: its losses (averaged over its micro-batches and
+    the ranks), LR, gradient norm, samples/s since the last record, peak memory, and what the data report
+    (`health`, e.g. the web data skipped), appended to output_dir/train_steps.jsonl and, with train.tensorboard,
+    written as TensorBoard scalars to output_dir/tensorboard/ together with the validation metrics (rank 0). A
+    resumed run's records continue those of the steps its checkpoint holds (truncate_log; TensorBoard's purge_step)."""
+
+    def __init__(self, state, health=None):
+        self.path = os.path.join(state.output_dir, "train_steps.jsonl")
+        self.every, self.health = state.cfg.train.print_freq, health
+        self.writer = None
+        if state.cfg.train.tensorboard and is_main_process():
+            self.writer = SummaryWriter(os.path.join(state.output_dir, "tensorboard"), purge_step=state.step + 1)
+        self.clock = time.time(), state.step
+        self.samples_per_step = state.cfg.train.batch_size * get_world_size() * state.accum_steps
+
+    def due(self, step):
+        return step % self.every == 0
+
+    def add(self, state, losses, grad_norm):
+        """The record of the step `state` has just taken (every rank calls it: the data's health is gathered)."""
+        now, (then, step) = time.time(), self.clock
+        record = {"step": state.step, "epoch": state.epoch, "lr": state.optimizer.param_groups[0]["lr"], **losses,
+                  "grad_norm": grad_norm, "samples_per_s": (state.step - step) * self.samples_per_step / (now - then),
+                  "max_memory_mb": max_memory_mb(), **(self.health() if self.health else {})}
+        self.clock = now, state.step
+        if is_main_process():
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+        self.scalars(state.step, {k: v for k, v in record.items() if k not in ("step", "epoch")}, "train")
+
+    def scalars(self, step, values, group):
+        if self.writer is not None:
+            for name, value in _flat(values).items():
+                if isinstance(value, (int, float)) and not isinstance(value, bool):
+                    self.writer.add_scalar(f"{group}/{name}", value, step)
+            self.writer.flush()
+
+    def close(self):
+        if self.writer is not None:
+            self.writer.close()
+
+
 class StopSignals:
     """SIGTERM and SIGUSR1 (what SLURM and Kubernetes send before preemption or the time limit) only set
     `received`; the train loop reads it at each optimiser step, all ranks alike, and then checkpoints and stops."""
@@ -1189,18 +1239,26 @@ def fit(state, loader, loss_fn, validate, criterion):
     Preempted.
     """
     cfg = state.cfg.train
-    state.batches_per_epoch = loader.batch_sampler.batches_per_epoch // state.accum_steps * state.accum_steps
+    sampler = loader.batch_sampler if hasattr(loader.batch_sampler, "set_position") else None
+    if sampler is None and cfg.max_steps is None:
+        raise InputError("the training data are a stream (webdataset shards): it has no epochs; plan the run with "
+                         "train.max_steps")
+    # A stream is one epoch of train.max_steps steps.
+    batches = sampler.batches_per_epoch if sampler else cfg.max_steps * state.accum_steps
+    state.batches_per_epoch = batches // state.accum_steps * state.accum_steps
     state.steps_per_epoch = state.batches_per_epoch // state.accum_steps
     check_schedule(cfg, state.steps_per_epoch)
     state.total_steps = total_steps(cfg, state.steps_per_epoch)
+    records = StepRecords(state, getattr(loader.dataset, "health", None))
     with StopSignals() as signals:
         while state.step < state.total_steps:
-            loader.batch_sampler.set_position(state.epoch, state.epoch_batches)
-            for _ in train_steps(state, loader, loss_fn, signals):
+            if sampler:
+                sampler.set_position(state.epoch, state.epoch_batches)
+            for _ in train_steps(state, loader, loss_fn, signals, records):
                 epoch_done = state.epoch_batches == state.batches_per_epoch
                 finished = state.step == state.total_steps
                 if epoch_done or finished or _due(state.step, cfg.eval_every_steps):
-                    validate_and_log(state, validate, criterion, with_train=epoch_done or finished)
+                    validate_and_log(state, validate, criterion, epoch_done or finished, records)
                 if epoch_done:
                     state.epoch, state.epoch_batches, state.meters = state.epoch + 1, 0, MetricLogger()
                 stopping = _agree(signals.received is not None, state.device)
@@ -1210,17 +1268,19 @@ def fit(state, loader, loss_fn, validate, criterion):
                     raise Preempted(f"stopped by {signals.received or 'a stop signal on another rank'} at step "
                                     f"{state.step}; {os.path.join(state.output_dir, 'checkpoint_last.pth')} holds "
                                     "it. Run the same command with --resume auto to continue")
+    records.close()
     log(f"best {criterion} {state.best_metric:.4f}")
 
 
-def validate_and_log(state, validate, criterion, with_train):
-    """One log.txt line of `validate`'s metrics (and the epoch's training averages); checkpoint_best.pth when the
-    criterion strictly improves."""
+def validate_and_log(state, validate, criterion, with_train, records):
+    """One log.txt line of `validate`'s metrics (and the epoch's training averages), also to `records`
+    (StepRecords); checkpoint_best.pth when the criterion strictly improves."""
     stats = {"epoch": state.epoch, "step": state.step}
     if with_train:
         stats.update({f"train_{k}": v for k, v in state.meters.global_averages().items()})
     metrics = validate(f"epoch {state.epoch}" if with_train else f"step {state.step}")
     append_log(state.output_dir, {**stats, **metrics})
+    records.scalars(state.step, metrics, "eval")
     if metrics[criterion] > state.best_metric:
         state.best_metric = metrics[criterion]
         save_best(state, {criterion: metrics[criterion]})
@@ -1235,12 +1295,14 @@ def _agree(flag, device):
     return bool(all_reduce_sum(torch.tensor([float(flag)], device=device)).item())
 
 
-def train_steps(state, batches, loss_fn, signals):
+def train_steps(state, batches, loss_fn, signals, records=None):
     """Train on `batches`, the rest of epoch `state.epoch` from micro-batch `state.epoch_batches` on, yielding after
     each optimiser step at which fit has work: the epoch's end, train.max_steps, an eval or save point, or a stop
-    signal on any rank (the flag rides on the loss all-reduce, so all ranks yield together). A non-finite loss
-    raises FloatingPointError before any optimiser step uses it, naming the checkpoint that is left."""
+    signal on any rank (the flag rides on the loss all-reduce, so all ranks yield together); `records`
+    (StepRecords) gets its steps. A non-finite loss raises FloatingPointError before any optimiser step uses it,
+    naming the checkpoint that is left."""
     cfg, model, meters = state.cfg.train, state.ddp_model, state.meters
+    step_losses = collections.Counter()
     model.train()
     state.optimizer.zero_grad(set_to_none=True)
     batches = meters.log_every(batches, cfg.print_freq, f"Train epoch {state.epoch}", cfg.batch_size * get_world_size(),
@@ -1260,10 +1322,15 @@ def train_steps(state, batches, loss_fn, signals):
             raise FloatingPointError(_diverged(state, losses))
         lr = state.lr()
         meters.update(lr=lr, **losses)
+        step_losses.update(losses)
         state.epoch_batches += 1
         if not is_step:
             continue
-        optimizer_step(state, lr)
+        record = records is not None and records.due(state.step + 1)
+        grad_norm = optimizer_step(state, lr, norm=record)
+        if record:
+            records.add(state, {k: v / state.accum_steps for k, v in step_losses.items()}, grad_norm)
+        step_losses.clear()
         if stop and state.epoch_batches < state.batches_per_epoch:
             paused = time.time()
             yield  # fit validates and checkpoints
@@ -1280,17 +1347,23 @@ def _work_due(state, step):
     return step == state.total_steps or _due(step, cfg.eval_every_steps) or _due(step, cfg.save_every_steps)
 
 
-def optimizer_step(state, lr):
+def optimizer_step(state, lr, norm=False):
+    """One optimiser step at `lr`: gradients clipped to train.grad_clip, the grad scaler's step. Returns the global
+    gradient norm (before clipping) when clipping or `norm` asks for it, else None."""
     cfg, optimizer, scaler = state.cfg.train, state.optimizer, state.scaler
     for group in optimizer.param_groups:
         group["lr"] = lr
-    if cfg.grad_clip is not None:
+    grad_norm = None
+    if cfg.grad_clip is not None or norm:
         scaler.unscale_(optimizer)
-        torch.nn.utils.clip_grad_norm_(state.ddp_model.parameters(), cfg.grad_clip)
+        params = [p for p in state.ddp_model.parameters() if p.grad is not None]
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip) if cfg.grad_clip is not None
+                          else torch.nn.utils.get_total_norm([p.grad for p in params]))
     scaler.step(optimizer)
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
     state.step += 1
+    return grad_norm
 
 
 def _diverged(state, losses):

@@ -24,11 +24,12 @@ import torch
 from torch.utils.data import ConcatDataset, Dataset
 
 from data.loader import LoaderConfig
+from data.shards import MixtureStream, ShardSource
 from data.transforms import eval_transform, train_transform
 from data.utils import (FIRST, InputChecks, check_image_files, drop_empty_texts, load_image, pre_caption,
                         read_annotation, read_entries)
 from data.vqa import DEFAULT_PROMPT, VQASplitConfig, VQATrainDataset, read_vqa_split
-from utils import Count, InputError, PositiveFloat, UnitRange, log
+from utils import Count, InputError, PositiveFloat, UnitInterval, UnitRange, log
 
 
 # The image-caption instructions of LAVIS's blip_instruction processor (X-InstructBLIP; lavis/processors/
@@ -54,7 +55,8 @@ class CaptionSource:
 @dataclass
 class CaptionDataConfig(LoaderConfig, InputChecks):
     """The `data:` section of the BLIP-2 configs: training (stage 1 and 2), retrieval, caption and VQA evaluation."""
-    train: list[Union[CaptionSource, VQASplitConfig]] = field(default_factory=list)  # VQA: stage 2 only
+    # Caption files, VQA splits (stage 2) and webdataset shards; with shards (or weights) a mixture stream
+    train: list[Union[CaptionSource, VQASplitConfig, ShardSource]] = field(default_factory=list)
     prefix_lm: bool = False                   # stage 2: captions split at a random word into text_input / text_output
     val_file: Optional[str] = None            # Karpathy format: [{"image", "caption": [...]}]; training needs it
     test_file: Optional[str] = None
@@ -70,6 +72,7 @@ class CaptionDataConfig(LoaderConfig, InputChecks):
     vqa_val: Optional[VQASplitConfig] = None  # VQA evaluation splits (eval_vqa.py; stage 2 validates on vqa_val)
     vqa_test: Optional[VQASplitConfig] = None
     vqa_prompt: str = DEFAULT_PROMPT          # the question's place in the LM's input, VQA training and evaluation
+    max_bad_fraction: UnitInterval = 0.1      # web shards: the share of unusable samples that stops the run
 
 
 class CaptionDataset(Dataset):
@@ -118,31 +121,44 @@ class CaptionDataset(Dataset):
         return prompted(self.prompt, text_input), text_output, entry["image_id"]
 
 
-def caption_train_set(data_cfg, image_size, prompt=""):
-    """The training set of a CaptionDataConfig: its caption sources (one CaptionDataset, `prompt` as text_input)
-    and VQA sources (data.vqa.VQATrainDataset each, prompted with `vqa_prompt`) together, with BLIP-2's training
-    transform (no RandAugment), or with `augment` false the evaluation transform. Training also needs a validation
-    split: `val_file` (captions) or `vqa_val`."""
+def caption_train_set(data_cfg, image_size, prompt="", seed=0):
+    """The training set of a CaptionDataConfig, with BLIP-2's training transform (no RandAugment), or with
+    `augment` false the evaluation transform: its caption files (one CaptionDataset, `prompt` as text_input) and
+    VQA splits (data.vqa.VQATrainDataset each, prompted with `vqa_prompt`) together, read in epochs; or, when it
+    lists webdataset shards or weights other than 1, a data.shards.MixtureStream of all of them drawn by weight
+    (seeded by `seed`; read for train.max_steps). Training also needs a validation split: `val_file` (captions)
+    or `vqa_val`."""
     d = data_cfg
     if not d.train or not (d.val_file or d.vqa_val):
-        raise InputError("training needs data.train, the training sources ({ann_file, image_root} each, or VQA "
-                         "splits), and data.val_file or data.vqa_val, the split that picks the best epoch")
+        raise InputError("training needs data.train, the training sources ({ann_file, image_root} each, VQA "
+                         "splits or shards), and data.val_file or data.vqa_val, the split that picks the best epoch")
     transform = (train_transform(image_size, d.crop_scale, randaugment=False, hflip=d.hflip) if d.augment else
                  eval_transform(image_size))
+    if any(isinstance(s, ShardSource) or getattr(s, "weight", 1.0) != 1.0 for s in d.train):
+        parts = [source if isinstance(source, ShardSource) else
+                 (vqa_train_set(source, transform, d), 1.0) if isinstance(source, VQASplitConfig) else
+                 (caption_set([source], transform, d, prompt), source.weight) for source in d.train]
+        log(f"train: a stream of {len(parts)} sources drawn by weight")
+        return MixtureStream(parts, transform, seed, text_input=prompted(prompt, ""), max_words=d.max_words,
+                             max_bad_fraction=d.max_bad_fraction)
     captions = [s for s in d.train if isinstance(s, CaptionSource)]
-    parts = [CaptionDataset(captions, transform, d.max_words, d.skip_missing_images, prompt=prompt,
-                            skip_empty_text=d.skip_empty_text, image_check=d.image_check, prefix_lm=d.prefix_lm)
-             ] if captions else []
+    parts = [caption_set(captions, transform, d, prompt)] if captions else []
     parts += [vqa_train_set(source, transform, d) for source in d.train if isinstance(source, VQASplitConfig)]
     dataset = parts[0] if len(parts) == 1 else ConcatDataset(parts)
     log(f"train: {len(dataset)} pairs " + ", ".join(f"({len(p)} from {p.num_images} images)" for p in parts))
     return dataset
 
 
+def caption_set(sources, transform, data_cfg, prompt):
+    d = data_cfg
+    return CaptionDataset(sources, transform, d.max_words, d.skip_missing_images, prompt=prompt,
+                          skip_empty_text=d.skip_empty_text, image_check=d.image_check, prefix_lm=d.prefix_lm)
+
+
 def training_texts(dataset):
     """(text_inputs, text_outputs) that a training set from caption_train_set feeds (templates and prompts as they
     are, every answer of a VQA question), for the start-up check of the tokenizers."""
-    if isinstance(dataset, ConcatDataset):
+    if isinstance(dataset, (ConcatDataset, MixtureStream)):  # a stream's shards are not read here
         parts = [training_texts(part) for part in dataset.datasets]
         return [t for inputs, _ in parts for t in inputs], [t for _, outputs in parts for t in outputs]
     if isinstance(dataset, VQATrainDataset):

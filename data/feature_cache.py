@@ -23,6 +23,7 @@ from torch.utils.data import Dataset
 
 from data.caption import CaptionDataset
 from data.loader import eval_loader, train_loader
+from data.shards import MixtureStream, stream_train_loader
 from data.transforms import eval_transform
 from data.utils import load_image
 from utils import (Autocast, InputError, MetricLogger, attention_kernels, barrier, broadcast_from_main,
@@ -34,13 +35,22 @@ FINGERPRINT_NAMES = {"images": "image files (paths, sizes or modification times)
                      "amp": "autocast (train.amp)", "encoder_sha256": "encoder weights"}
 
 
-def caption_train_loader(run, model, train_set):
-    """The training loader of a stage-1/2 run: `train_set`, or with data.vit_feature_cache the frozen encoder's
-    cached tokens in place of its images (so call it once the model holds the weights training starts from)."""
-    cfg = run.cfg
+def caption_train_loader(state, train_set):
+    """The training loader of the stage-1/2 run of `state` (a utils.TrainState, so call it once the model holds the
+    weights training starts from): `train_set` in seeded epochs, or with data.vit_feature_cache the frozen
+    encoder's cached tokens in place of its images; a MixtureStream (shards, weighted sources) endless from the
+    step the run starts at."""
+    run, cfg = state.run, state.cfg
+    loader_kwargs = cfg.data.loader_kwargs(run.device)
+    if isinstance(train_set, MixtureStream):
+        if cfg.data.vit_feature_cache:
+            raise InputError("data.vit_feature_cache caches the images of caption files; data.train is a stream "
+                             "(shards or weights other than 1): remove data.vit_feature_cache")
+        train_set.start_step = state.step
+        return stream_train_loader(train_set, cfg.train.batch_size, **loader_kwargs)
     if cfg.data.vit_feature_cache:
-        train_set = cached_train_set(run, model, train_set)
-    return train_loader(train_set, cfg.train.batch_size, cfg.train.seed, **cfg.data.loader_kwargs(run.device))
+        train_set = cached_train_set(run, state.model, train_set)
+    return train_loader(train_set, cfg.train.batch_size, cfg.train.seed, **loader_kwargs)
 
 
 def cached_train_set(run, model, train_set):

@@ -26,6 +26,14 @@ writes, deterministically from `--seed`:
                                               only, like test-dev. The image ids are those of the caption file names:
                                               read them with image_template
                                               "images/caption_{split}/synthetic_{image_id:012d}.png"
+    shards/caption_train-{000000..000007}.tar the pairs of coco_karpathy_train.json as webdataset shards, one
+                                              sample per pair as img2dataset writes them: {key}.png (the image
+                                              file's bytes), {key}.txt (the caption), {key}.json ({"caption",
+                                              "url": the image path, "key", "status", "width", "height"});
+                                              --num_shards of them (8: enough for 2 processes x 4 loader workers)
+    vg_style_train.json                       Visual Genome's caption format, {"image", "caption"} without
+                                              image_id: one or two more captions of half the training images, to
+                                              mix with the shards
     scenes.json                               image path -> the objects it shows
     tokenizer/vocab.txt                       a WordPiece vocabulary covering every word of the NLVR, caption and
                                               VQA files, of the caption instructions (data.caption) and of the VQA
@@ -40,6 +48,7 @@ import random
 import re
 from dataclasses import asdict, dataclass
 
+import webdataset as wds
 from PIL import Image, ImageDraw
 
 from data.caption import CAPTION_INSTRUCTIONS
@@ -230,6 +239,36 @@ def write_caption_eval(output_dir, split, paths, ids, per_image):
                 "images": [{"id": i} for i in ids]})
 
 
+def write_caption_shards(output_dir, num_shards, image_size):
+    """shards/caption_train-{000000..}.tar: the pairs of coco_karpathy_train.json in its order, cut into
+    `num_shards` shards of about equal size (one a pair where there are fewer pairs), as img2dataset writes them
+    (the image file's bytes as they are)."""
+    with open(os.path.join(output_dir, "coco_karpathy_train.json")) as f:
+        pairs = json.load(f)
+    num_shards = min(num_shards, len(pairs))
+    os.makedirs(os.path.join(output_dir, "shards"), exist_ok=True)
+    for shard in range(num_shards):
+        path = os.path.join(output_dir, "shards", f"caption_train-{shard:06d}.tar")
+        with wds.TarWriter(path, mtime=0) as tar:  # a fixed mtime: the same bytes every time
+            for index, pair in enumerate(pairs[shard * len(pairs) // num_shards:
+                                               (shard + 1) * len(pairs) // num_shards]):
+                key = f"{shard:05d}{index:04d}"  # img2dataset's keys: shard number, then number in the shard
+                with open(os.path.join(output_dir, pair["image"]), "rb") as f:
+                    image = f.read()
+                meta = {"url": pair["image"], "key": key, "caption": pair["caption"], "status": "success",
+                        "width": image_size, "height": image_size}
+                tar.write({"__key__": key, "png": image, "txt": pair["caption"], "json": meta})
+
+
+def write_vg_style(output_dir, ids, scenes, rng):
+    """vg_style_train.json: one or two more captions of half of the training images (`ids`, `scenes`), in Visual
+    Genome's caption format (no image_id: the image path is the id)."""
+    chosen = sorted(rng.sample(range(len(ids)), len(ids) // 2))
+    write_json(output_dir, "vg_style_train.json",
+               [{"image": f"images/caption_train/synthetic_{ids[i]:012d}.png", "caption": caption}
+                for i in chosen for caption in captions(rng, scenes[i], rng.randint(1, 2))])
+
+
 # VQA questions about a caption scene. Each kind of question gives (question, answer, second defensible answer or
 # None, question_type, answer_type), or None where the scene cannot answer it. Question types are VQAv2's: the
 # longest of its 65 question openings that begins the question ("what shape ..." is of type "what").
@@ -375,9 +414,11 @@ def write_vocab(output_dir, texts):
 
 
 def generate(output_dir, seed=0, num_train=5000, num_val=250, num_test=250, image_size=32, num_caption_train=4000,
-             num_caption_val=100, num_caption_test=100, captions_per_train_image=2, questions_per_image=3):
+             num_caption_val=100, num_caption_test=100, captions_per_train_image=2, questions_per_image=3,
+             num_shards=8):
     """Write the demo dataset; `num_*` count NLVR sentence pairs (two examples each), `num_caption_*` images, which
-    the VQA splits ask `questions_per_image` questions about."""
+    the VQA splits ask `questions_per_image` questions about; `num_shards` the shards of the caption training
+    pairs."""
     if max(num_caption_val, num_caption_test) > DISTINCT_SCENES:
         raise ValueError(f"a caption val or test split can hold at most {DISTINCT_SCENES} distinct scenes")
     rng = random.Random(seed)
@@ -391,6 +432,10 @@ def generate(output_dir, seed=0, num_train=5000, num_val=250, num_test=250, imag
                                                               ("test", num_caption_test)), captions_per_train_image,
                                                  image_size, random.Random(f"captions-{seed}"), scene_index)
     texts += caption_texts
+    write_caption_shards(output_dir, num_shards, image_size)
+    # Their own generator, and not in the vocabulary's texts: every other file stays as it was before them (their
+    # words are those of the caption templates).
+    write_vg_style(output_dir, *split_scenes["train"], random.Random(f"vg-{seed}"))
     texts += write_vqa(output_dir, split_scenes, random.Random(f"vqa-{seed}"), questions_per_image)
     texts += [*CAPTION_INSTRUCTIONS, DEFAULT_PROMPT]  # what the instruction-aware Q-Former reads beside them
     with open(os.path.join(output_dir, "scenes.json"), "w") as f:
@@ -411,10 +456,11 @@ def main():
     parser.add_argument("--num_caption_test", type=int, default=100)
     parser.add_argument("--captions_per_train_image", type=int, default=2)
     parser.add_argument("--questions_per_image", type=int, default=3, help="VQA questions per caption image")
+    parser.add_argument("--num_shards", type=int, default=8, help="webdataset shards of the caption training pairs")
     args = parser.parse_args()
     generate(args.output_dir, args.seed, args.num_train, args.num_val, args.num_test, args.image_size,
              args.num_caption_train, args.num_caption_val, args.num_caption_test, args.captions_per_train_image,
-             args.questions_per_image)
+             args.questions_per_image, args.num_shards)
     print(f"wrote the demo dataset to {args.output_dir}")
 
 

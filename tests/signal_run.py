@@ -25,10 +25,10 @@ def main():
     args = parser.parse_args()
     real_step = utils.optimizer_step
 
-    def step_then_signal(state, lr):
+    def step_then_signal(state, lr, norm=False):
         if state.step == args.at_step and utils.get_rank() == args.rank:
             os.kill(os.getpid(), getattr(signal, args.signal))
-        real_step(state, lr)
+        return real_step(state, lr, norm)
 
     utils.optimizer_step = step_then_signal
     sys.argv = [args.script, *args.args]

@@ -30,10 +30,10 @@ def signal_at(monkeypatch, step, name="SIGTERM"):
     """Make this process send itself `name` just before optimiser step `step`."""
     real_step = utils.optimizer_step
 
-    def step_then_signal(state, lr):
+    def step_then_signal(state, lr, norm=False):
         if state.step == step:
             os.kill(os.getpid(), getattr(signal, name))
-        real_step(state, lr)
+        return real_step(state, lr, norm)
 
     monkeypatch.setattr(utils, "optimizer_step", step_then_signal)
 
@@ -74,10 +74,10 @@ def test_a_mid_epoch_checkpoint_of_save_every_steps_resumes_exactly(unbroken, tm
     out, options = tmp_path / "out", ["train.epochs=2", "train.save_every_steps=3", f"data.num_workers={workers}"]
     real_step = utils.optimizer_step
 
-    def dies_after_step_7(state, lr):
+    def dies_after_step_7(state, lr, norm=False):
         if state.step == 7:
             raise KeyboardInterrupt  # as kill -9: no handler runs, the checkpoint of step 6 is the last
-        real_step(state, lr)
+        return real_step(state, lr, norm)
 
     monkeypatch.setattr(utils, "optimizer_step", dies_after_step_7)
     with pytest.raises(KeyboardInterrupt):
@@ -177,10 +177,10 @@ def test_a_changed_lr_is_refused_and_when_allowed_the_new_schedule_is_followed(d
     config, out = nlvr_config(tmp_path, demo_data), tmp_path / "out"
     real_step = utils.optimizer_step
 
-    def dies_in_epoch_1(state, lr):
+    def dies_in_epoch_1(state, lr, norm=False):
         if state.step == STEPS_PER_EPOCH + 1:
             raise KeyboardInterrupt
-        real_step(state, lr)
+        return real_step(state, lr, norm)
 
     monkeypatch.setattr(utils, "optimizer_step", dies_in_epoch_1)
     with pytest.raises(KeyboardInterrupt):
