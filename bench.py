@@ -5,6 +5,7 @@
     python bench.py --task stage1 --size tiny --staircase --json out.json   # the fast path, one switch at a time
     python bench.py --task stage2 --size real --device cuda --max_batch   # the largest batch that fits
     python -m torch.distributed.run --nproc_per_node=8 bench.py --task stage1 --size real --device cuda
+    python bench.py --task stage1 --size base --batch_size 4 --compare c7f367e   # this tree / another, side by side
 
 Tasks: `nlvr` (train: forward + backward + AdamW step; eval: NLVR logits), `stage1` (train), `stage2` (train;
 eval: beam-search captions) and `retrieval` (eval: the whole retrieval evaluation of `eval_retrieval.py` over
@@ -21,6 +22,12 @@ the GPU's dense bf16 peak (--peak_tflops to set it). Peak memory: CUDA's max all
 resident set so far (the staircase runs every case in a fresh process for that reason; a run of both modes
 reports the larger peak for its second). Results print as a table and go
 to --json as a list of records.
+
+`--compare REF` times this tree against REF, another checkout of the project (a directory, or a git revision that
+is checked out into a temporary worktree), in one run: --rounds rounds, each running the case in both trees in fresh
+processes, the order alternating, so that drifts of the machine fall on both sides alike. It prints each side's
+samples/s and the ratio (this / REF) per round and their median [min, max]. REF runs its own bench.py with the same
+arguments (--ref_options in place of --options where config keys were renamed).
 """
 
 import argparse
@@ -96,6 +103,7 @@ STAIRCASE = {
 BF16_PEAK_TFLOPS = {"H100": 989.4, "H200": 989.4, "H800": 989.4, "A100": 312.0, "A800": 312.0, "L40S": 362.1,
                     "A10G": 70.0}
 WORDS = [a + b for a in string.ascii_lowercase[:10] for b in string.ascii_lowercase[:10]]  # one token each
+ROOT = os.path.dirname(os.path.abspath(__file__))
 
 
 def parse_args(argv=None):
@@ -116,6 +124,9 @@ def parse_args(argv=None):
     parser.add_argument("--max_batch", action="store_true", help="CUDA: search the largest training batch")
     parser.add_argument("--peak_tflops", type=float, help="the GPU's dense bf16 peak for MFU (default: by name)")
     parser.add_argument("--json", help="write the records to this file (a list; appended to if it exists)")
+    parser.add_argument("--compare", metavar="REF", help="time this tree against REF (a directory or git revision)")
+    parser.add_argument("--ref_options", nargs="+", help="--compare: REF's options (default: --options)")
+    parser.add_argument("--rounds", type=int, default=3, help="--compare: rounds of both sides")
     return parser.parse_args(argv)
 
 
@@ -437,15 +448,60 @@ def staircase(args):
             if options and not switches:
                 continue
             options = options + switches
-            with tempfile.NamedTemporaryFile(suffix=".json") as out:
-                command = [sys.executable, __file__, *case_arguments(args), "--mode", mode, "--json", out.name,
-                           "--options", *options, *args.options]
-                subprocess.run(command, check=True, stdout=subprocess.DEVNULL)  # its records are printed below
-                step = json.load(open(out.name))
+            step = case_in_process(ROOT, [*case_arguments(args), "--mode", mode], [*options, *args.options])
             for record in step:
                 record["step"] = label
                 print_record(record)
             records += step
+    return records
+
+
+def case_in_process(directory, arguments, options):
+    """The records of `directory`'s bench.py run with `arguments` and `options` in a fresh process."""
+    with tempfile.NamedTemporaryFile(suffix=".json") as out:
+        command = [sys.executable, "bench.py", *arguments, "--json", out.name]
+        command += ["--options", *options] if options else []
+        subprocess.run(command, check=True, cwd=directory, stdout=subprocess.DEVNULL)  # records printed by caller
+        return json.load(open(out.name))
+
+
+@contextlib.contextmanager
+def checkout(ref):
+    """A directory holding `ref`: itself when it is one, else a temporary git worktree of that revision."""
+    if os.path.isdir(ref):
+        yield os.path.abspath(ref)
+        return
+    with tempfile.TemporaryDirectory() as parent:
+        directory = os.path.join(parent, "ref")
+        subprocess.run(["git", "-C", ROOT, "worktree", "add", "--detach", directory, ref], check=True,
+                       stdout=subprocess.DEVNULL)
+        try:
+            yield directory
+        finally:
+            subprocess.run(["git", "-C", ROOT, "worktree", "remove", "--force", directory], check=True)
+
+
+def compare(args):
+    """--rounds rounds of the case in this tree and in --compare's, alternating which goes first; a record per
+    round and mode with both sides' records and the ratio of their median samples/s."""
+    arguments = [*case_arguments(args), "--mode", args.mode]
+    ref_options = args.options if args.ref_options is None else args.ref_options
+    records = []
+    with checkout(args.compare) as ref_dir:
+        for number in range(args.rounds):
+            sides = [("this", ROOT, args.options), ("ref", ref_dir, ref_options)]
+            ran = {name: case_in_process(directory, arguments, options)
+                   for name, directory, options in (sides if number % 2 == 0 else sides[::-1])}
+            for this, ref in zip(ran["this"], ran["ref"]):
+                records.append({"compare": args.compare, "round": number, "mode": this["mode"], "this": this,
+                                "ref": ref, "ratio": round(this["samples_per_s"] / ref["samples_per_s"], 4)})
+                log(f"round {number}: {this['task']} {this['size']} {this['mode']}: this "
+                    f"{this['samples_per_s']:.2f}, {args.compare} {ref['samples_per_s']:.2f} samples/s, ratio "
+                    f"{records[-1]['ratio']:.3f}")
+    for mode in dict.fromkeys(r["mode"] for r in records):
+        ratios = [r["ratio"] for r in records if r["mode"] == mode]
+        log(f"{args.task} {args.size} {mode}: this / {args.compare} = {statistics.median(ratios):.3f} "
+            f"[{min(ratios):.3f}, {max(ratios):.3f}] over {len(ratios)} rounds")
     return records
 
 
@@ -477,8 +533,8 @@ def main(argv=None):
     args = parse_args(argv)
     if args.max_batch and args.device != "cuda":
         sys.exit("--max_batch searches GPU memory: add --device cuda")
-    records = staircase(args) if args.staircase else run_case(args)
-    if not args.staircase:
+    records = staircase(args) if args.staircase else compare(args) if args.compare else run_case(args)
+    if not (args.staircase or args.compare):
         for record in records:
             print_record(record)
     if args.json and is_main_process():

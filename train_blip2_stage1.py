@@ -10,6 +10,9 @@ the test split is evaluated at the end with the best weights.
 from dataclasses import dataclass, field
 from functools import partial
 
+import torch
+import torch.nn.functional as F
+
 from data.caption import CaptionDataConfig, CaptionSource, caption_train_set, training_texts
 from data.feature_cache import caption_train_loader
 from data.shards import ShardSource
@@ -17,8 +20,8 @@ from eval_retrieval import RETRIEVAL_UNUSED, RetrievalEvalConfig, retrieval_eval
 from models.blip2_qformer import Blip2QformerConfig, create_model, init_from_bert, load_checkpoint
 from models.inference import load_for_evaluation
 from models.tokenizer import check_unknown_tokens
-from utils import (InputError, TrainConfig, evaluation_weights, fit, log, parse_args, run_main, start_run,
-                   start_training, test_best, write_evaluation)
+from utils import (InputError, TrainConfig, all_reduce_max, evaluation_weights, fit, log, parse_args, run_main,
+                   start_run, start_training, test_best, write_evaluation)
 
 
 @dataclass
@@ -31,11 +34,21 @@ class Stage1Config:
 
 def stage1_loss(model, batch, tokenizer, max_txt_len, same_image_positives, device):
     images, _, captions, image_ids = batch  # (images, text_input, text_output, image_ids): captions are text_output
-    # Padding to a fixed length lets ITM gather the texts of every rank as one tensor.
-    text = tokenizer(list(captions), padding="max_length", truncation=True, max_length=max_txt_len,
+    text = tokenizer(list(captions), padding="longest", truncation=True, max_length=max_txt_len,
                      return_tensors="pt")
-    return model(images.to(device, non_blocking=True), text.input_ids.to(device), text.attention_mask.to(device),
+    input_ids, attention_mask = global_padding(text.input_ids.to(device), text.attention_mask.to(device),
+                                               tokenizer.pad_token_id)
+    return model(images.to(device, non_blocking=True), input_ids, attention_mask,
                  image_ids.to(device) if same_image_positives else None)
+
+
+def global_padding(input_ids, attention_mask, pad_id):
+    """input_ids and attention_mask [B, L] right-padded to the longest L of all ranks: ITM gathers the texts of
+    every rank as one tensor. LAVIS pads to max_txt_len; padding is masked everywhere, so only the cost (and
+    dropout's draws) differ."""
+    length = int(all_reduce_max(torch.tensor(input_ids.shape[1], device=input_ids.device)))
+    padding = (0, length - input_ids.shape[1])
+    return F.pad(input_ids, padding, value=pad_id), F.pad(attention_mask, padding)
 
 
 def main(argv=None):

@@ -5,8 +5,8 @@
     outputs go on) -> {opt,llm,t5}_proj [B, Q, D] -> the frozen language model's input embeddings.
 
 - `Blip2CausalLM`, a decoder-only LM (OPT, LLaMA/Vicuna, ...): [soft prompt; text_input; text_output] with the
-  next-token loss on text_output only. With OPT it follows LAVIS `blip2_opt` (projection `opt_proj`; bit-identical to
-  this project's earlier Blip2OPT); with other LMs LAVIS `blip2_vicuna_instruct` (projection `llm_proj`).
+  next-token loss on text_output only, the LM head run only where a label is predicted. With OPT it follows
+  LAVIS `blip2_opt` (projection `opt_proj`), with other LMs LAVIS `blip2_vicuna_instruct` (projection `llm_proj`).
 - `Blip2T5` (LAVIS `blip2_t5`, `blip2_t5_instruct`): T5's encoder reads [soft prompt; text_input], its decoder
   predicts text_output (projection `t5_proj`).
 - `qformer_tokenizer` given: InstructBLIP (LAVIS's `qformer_text_input`); the Q-Former then keeps its word/position
@@ -207,6 +207,13 @@ class Blip2LM(nn.Module):
         if self.qformer_text_input and max_txt_len > self.Qformer.bert.config.max_position_embeddings:
             raise InputError(f"max_txt_len {max_txt_len} exceeds the Q-Former's "
                              f"{self.Qformer.bert.config.max_position_embeddings} positions; lower it")
+        if self.qformer_text_input:
+            # Nothing reads the instruction's last-layer outputs (query_outputs), so that layer's text FFN never
+            # runs: frozen, as DDP wants every trainable weight to get a gradient. Checkpoints keep it (LAVIS's
+            # layout; LAVIS computes it, and trains it with zero gradients, i.e. weight decay only).
+            last = self.Qformer.bert.encoder.layer[-1]
+            last.intermediate.requires_grad_(False)
+            last.output.requires_grad_(False)
         hidden = self.Qformer.bert.config.hidden_size
         self.query_tokens = nn.Parameter(torch.randn(1, num_query_tokens, hidden) * 0.02)
         self.lm_name = lm_name
@@ -255,15 +262,15 @@ class Blip2LM(nn.Module):
 
     def query_outputs(self, images, instructions=None):
         """The Q-Former's query outputs [B, Q, H]. InstructBLIP: the queries and the BERT tokens of `instructions`
-        (B strings) attend to each other (padding masked), the queries also to the image."""
+        (B strings) attend to each other (padding masked), the queries also to the image; the instruction's
+        last-layer outputs, which nothing reads, are not computed."""
         image_embeds = self.image_embeddings(images)
         queries = self.query_tokens.expand(image_embeds.shape[0], -1, -1)
         if not self.qformer_text_input:
             return self.Qformer.bert(query_embeds=queries, image_embeds=image_embeds)[0]
         tokens = _tokenize(self.qformer_tokenizer, instructions, self.max_txt_len, "left").to(image_embeds.device)
         mask = padding_mask(torch.cat([tokens.attention_mask.new_ones(queries.shape[:2]), tokens.attention_mask], 1))
-        hidden, _ = self.Qformer.bert(tokens.input_ids, queries, mask, image_embeds)
-        return hidden[:, :queries.shape[1]]
+        return self.Qformer.bert(tokens.input_ids, queries, mask, image_embeds, keep=queries.shape[1])[0]
 
     def soft_prompt(self, images, instructions=None):
         """The projected query outputs [B, Q, D] in the LM's dtype (see query_outputs)."""
@@ -367,9 +374,9 @@ class Blip2CausalLM(Blip2LM):
 
     def predicting(self, labels):
         """Which text positions [B, L - 1] of labels [B, L] the LM head runs on (position i predicts token i + 1):
-        with OPT every one, Blip2OPT's computation bit for bit; otherwise those that predict a labelled token, so
-        that a long instruction costs no [length, vocab] logits."""
-        return torch.ones_like(labels[:, 1:], dtype=torch.bool) if self.joined_text else labels[:, 1:] != -100
+        those that predict a labelled token, so that the soft prompt, the prompt and an instruction cost no
+        [length, vocab] logits."""
+        return labels[:, 1:] != -100
 
     def text_logits(self, images, input_ids, attention_mask, labels, text_input):
         """Logits [N, vocab] in fp32 at the N `predicting` positions of input_ids [B, L] (row by row), each image's

@@ -20,7 +20,8 @@ from models.eva_vit import (VisionConfig, create_vision_encoder, freeze_vision_e
                             load_vision_weights)
 from models.families import refuse_other_families
 from models.generation import beam_search, nucleus_sampling
-from models.qformer import build_qformer, causal_mask_with_query_prefix, load_bert_weights, padding_mask, unilm_mask
+from models.qformer import (build_qformer, cat_image_keys, causal_mask_with_query_prefix, image_batch_size,
+                            load_bert_weights, padding_mask, unilm_mask)
 from models.tokenizer import init_tokenizer
 from utils import (DTYPES, InputError, all_gather_no_grad, all_gather_with_grad, all_reduce_sum, get_rank,
                    get_world_size, load_checkpoint_file, log)
@@ -112,9 +113,15 @@ class Blip2Qformer(nn.Module):
         tokens = images if images.dim() == 3 else self.visual_encoder(images)
         return self.ln_vision(tokens.float())
 
+    def image_keys(self, image_embeds):
+        """The Q-Former's cross-attention keys and values of image_embeds [B, N, Dv], per layer: computed once,
+        they serve every pass over these images (query_outputs, itm_logits; select_image_keys picks rows)."""
+        return self.Qformer.bert.image_keys(image_embeds)
+
     def query_outputs(self, image_embeds):
-        """The queries after the Q-Former over the image: ([B, Q, H], per-layer (keys, values) for ITG)."""
-        queries = self.query_tokens.expand(image_embeds.shape[0], -1, -1)
+        """The queries after the Q-Former over the image (image_embeds [B, N, Dv] or their image_keys):
+        ([B, Q, H], per-layer (keys, values) for ITG)."""
+        queries = self.query_tokens.expand(image_batch_size(image_embeds), -1, -1)
         return self.Qformer.bert(query_embeds=queries, image_embeds=image_embeds)
 
     def image_features(self, image_embeds):
@@ -123,16 +130,17 @@ class Blip2Qformer(nn.Module):
 
     def text_features(self, input_ids, attention_mask):
         """[B, L] -> L2-normalised [CLS] features [B, E] (text-only pass)."""
-        hidden, _ = self.Qformer.bert(input_ids, mask=padding_mask(attention_mask))
+        hidden, _ = self.Qformer.bert(input_ids, mask=padding_mask(attention_mask), keep=1)
         return F.normalize(self.text_proj(hidden[:, 0]), dim=-1)
 
     def itm_logits(self, image_embeds, input_ids, attention_mask):
         """Image-text matching logits [B, 2] (no match, match): queries and text bidirectionally, the queries
-        cross-attending to image_embeds [B, N, Dv]; the head's output averaged over the queries."""
+        cross-attending to image_embeds [B, N, Dv] (or their image_keys); the head's output averaged
+        over the queries."""
         queries = self.query_tokens.expand(input_ids.shape[0], -1, -1)
         mask = padding_mask(torch.cat([attention_mask.new_ones(queries.shape[:2]), attention_mask], 1))
-        hidden, _ = self.Qformer.bert(input_ids, queries, mask, image_embeds)
-        return self.itm_head(hidden[:, :queries.shape[1]]).mean(1)
+        hidden, _ = self.Qformer.bert(input_ids, queries, mask, image_embeds, keep=queries.shape[1])
+        return self.itm_head(hidden).mean(1)
 
     def itm_scores(self, image_embeds, input_ids, attention_mask):
         """The retrieval re-ranking score [B]: the "match" logit averaged over queries (LAVIS's compute_itm)."""
@@ -144,14 +152,16 @@ class Blip2Qformer(nn.Module):
         """Pre-training losses {"loss", "loss_itc", "loss_itm", "loss_itg"} for a batch of image-text pairs.
 
         `images` [B, 3, S, S], or the frozen encoder's tokens [B, N, Dv] (see image_embeddings). input_ids and
-        attention_mask must have the same length on every rank (pad to max_txt_len). With `image_ids` [B], pairs of
-        the same image are positives in ITC and never drawn as ITM negatives.
+        attention_mask must have the same length on every rank (train_blip2_stage1 pads to the longest caption of
+        the global batch). With `image_ids` [B], pairs of the same image are positives in ITC and never drawn as
+        ITM negatives.
         """
         if self.clamp_temp:
             with torch.no_grad():
                 self.temp.clamp_(0.001, 0.5)
         image_embeds = self.image_embeddings(images)
-        query_hidden, query_cache = self.query_outputs(image_embeds)
+        image_keys = self.image_keys(image_embeds)  # for ITC's queries and for ITM
+        query_hidden, query_cache = self.query_outputs(image_keys)
         image_feats = F.normalize(self.vision_proj(query_hidden), dim=-1)
         text_feat = self.text_features(input_ids, attention_mask)
 
@@ -159,21 +169,25 @@ class Blip2Qformer(nn.Module):
                                             all_gather_no_grad(text_feat), self.temp)
         positives = positive_pairs(image_ids, input_ids.shape[0], images.device)
         loss_itc = (itc_loss(sim_i2t, positives) + itc_loss(sim_t2i, positives)) / 2
-        loss_itm = self.itm_loss(image_embeds, input_ids, attention_mask, sim_i2t.detach(), sim_t2i.detach(),
-                                 positives)
+        loss_itm = self.itm_loss((image_embeds, image_keys), (input_ids, attention_mask),
+                                 (sim_i2t.detach(), sim_t2i.detach()), positives)
         loss_itg = self.itg_loss(input_ids, attention_mask, query_cache)
         return {"loss": loss_itc + loss_itm + loss_itg, "loss_itc": loss_itc, "loss_itm": loss_itm,
                 "loss_itg": loss_itg}
 
-    def itm_loss(self, image_embeds, input_ids, attention_mask, sim_i2t, sim_t2i, positives):
+    def itm_loss(self, images, texts, similarities, positives):
         """Cross-entropy of (image, text) match over 3B pairs: positives, (hard-negative image, text),
-        (image, hard-negative text). Negatives come from every rank; their images keep their gradient."""
+        (image, hard-negative text). `images`: (image_embeds [B, N, Dv], their image_keys), `texts`:
+        (input_ids, attention_mask) [B, L], `similarities`: ITC's (sim_i2t, sim_t2i). Negatives come from every
+        rank; their images keep their gradient. The positives and the negative texts go with this rank's images,
+        whose keys and values ITC's pass computed: only the negative images' are computed here."""
+        (image_embeds, image_keys), (input_ids, attention_mask), (sim_i2t, sim_t2i) = images, texts, similarities
         batch = input_ids.shape[0]
         neg_image = sample_hard_negatives(sim_t2i, positives)  # a negative image for each text
         neg_text = sample_hard_negatives(sim_i2t, positives)   # a negative text for each image
-        image_embeds_world = all_gather_with_grad(image_embeds)
+        neg_image_keys = self.image_keys(all_gather_with_grad(image_embeds)[neg_image])
         ids_world, mask_world = all_gather_no_grad(input_ids), all_gather_no_grad(attention_mask)
-        logits = self.itm_logits(torch.cat([image_embeds, image_embeds_world[neg_image], image_embeds]),
+        logits = self.itm_logits(cat_image_keys([image_keys, neg_image_keys, image_keys]),
                                  torch.cat([input_ids, input_ids, ids_world[neg_text]]),
                                  torch.cat([attention_mask, attention_mask, mask_world[neg_text]]))
         labels = torch.cat([torch.ones(batch), torch.zeros(2 * batch)]).long().to(logits.device)

@@ -57,7 +57,7 @@ class BertEmbeddings(nn.Module):
 class BertSelfAttention(nn.Module):
     """Multi-head attention of x [B, L, H] over `context` [B, M, kv_width] -> [B, L, H].
 
-    `mask` is a boolean [B, 1, 1, M] (True = attend) or None.
+    `mask` is a boolean [B, 1, 1 or L, M] (True = attend) or None.
     """
 
     def __init__(self, config, kv_width):
@@ -71,11 +71,18 @@ class BertSelfAttention(nn.Module):
     def split_heads(self, x):
         return x.unflatten(-1, (self.num_heads, -1)).transpose(1, 2)
 
-    def forward(self, x, context, mask=None):
-        q, k, v = self.split_heads(self.query(x)), self.split_heads(self.key(context)), self.split_heads(self.value(context))
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
+    def keys_values(self, context):
+        """Keys and values [B, heads, M, H / heads] of context [B, M, kv_width]."""
+        return self.split_heads(self.key(context)), self.split_heads(self.value(context))
+
+    def attend(self, x, keys, values, mask=None):
+        """x [B, L, H] attending to keys_values' output -> [B, L, H]."""
+        out = F.scaled_dot_product_attention(self.split_heads(self.query(x)), keys, values, attn_mask=mask,
                                              dropout_p=self.dropout_p if self.training else 0.0)
         return out.transpose(1, 2).flatten(2)
+
+    def forward(self, x, context, mask=None):
+        return self.attend(x, *self.keys_values(context), mask)
 
 
 class BertOutput(nn.Module):
@@ -101,6 +108,10 @@ class BertAttention(nn.Module):
 
     def forward(self, x, context=None, mask=None):
         return self.output(self.self(x, x if context is None else context, mask), x)
+
+    def attend(self, x, keys_values):
+        """Cross-attention to keys and values computed before (`self.self.keys_values(context)`)."""
+        return self.output(self.self.attend(x, *keys_values), x)
 
 
 class BertIntermediate(nn.Module):

@@ -69,15 +69,16 @@ def unilm_mask(num_query, text_mask):
 
 class CachedSelfAttention(BertSelfAttention):
     """Self-attention of x [B, L, H] whose keys/values may be prefixed by cached ones `past` ([B, h, P, d] each);
-    returns (output [B, L, H], (keys, values) including the cache)."""
+    returns (output [B, K, H] of the first K = `keep` positions (None: all L), (keys, values) including the
+    cache)."""
 
-    def forward(self, x, mask=None, past=None):
-        q, k, v = self.split_heads(self.query(x)), self.split_heads(self.key(x)), self.split_heads(self.value(x))
+    def forward(self, x, mask=None, past=None, keep=None):
+        k, v = self.keys_values(x)
         if past is not None:
             k, v = torch.cat([past[0], k], 2), torch.cat([past[1], v], 2)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
-                                             dropout_p=self.dropout_p if self.training else 0.0)
-        return out.transpose(1, 2).flatten(2), (k, v)
+        if keep is not None:
+            x, mask = x[:, :keep], mask if mask is None else mask[..., :keep, :]
+        return self.attend(x, k, v, mask), (k, v)
 
 
 class QformerAttention(nn.Module):
@@ -86,9 +87,9 @@ class QformerAttention(nn.Module):
         self.self = CachedSelfAttention(config, config.hidden_size)
         self.output = BertOutput(config, config.hidden_size)
 
-    def forward(self, x, mask=None, past=None):
-        out, present = self.self(x, mask, past)
-        return self.output(out, x), present
+    def forward(self, x, mask=None, past=None, keep=None):
+        out, present = self.self(x, mask, past, keep)
+        return self.output(out, x[:, :keep]), present
 
 
 class QformerLayer(nn.Module):
@@ -106,13 +107,20 @@ class QformerLayer(nn.Module):
         self.intermediate_query = BertIntermediate(config)
         self.output_query = BertOutput(config, config.intermediate_size)
 
-    def forward(self, x, mask, num_query, image_embeds=None, past=None):
-        x, present = self.attention(x, mask, past)
+    def image_keys(self, image_embeds):
+        """The cross-attention's keys and values of image_embeds [B, N, Dv] ([B, h, N, d] each); None in a layer
+        that does not cross-attend."""
+        return None if self.crossattention is None else self.crossattention.self.keys_values(image_embeds)
+
+    def forward(self, x, mask, num_query, image_keys=None, past=None, keep=None):
+        """x [B, Q + L, H] -> the outputs of its first `keep` positions (None: all), and this layer's keys and
+        values; `image_keys`: this layer's (image_keys), with queries in a cross-attending layer."""
+        x, present = self.attention(x, mask, past, keep)
         if num_query == 0:
             return self.output(self.intermediate(x), x), present
         queries, text = x[:, :num_query], x[:, num_query:]
         if self.crossattention is not None:
-            queries = self.crossattention(queries, image_embeds)
+            queries = self.crossattention.attend(queries, image_keys)
         queries = self.output_query(self.intermediate_query(queries), queries)
         if text.shape[1] == 0:
             return queries, present
@@ -146,9 +154,11 @@ class QformerModel(nn.Module):
     """The Q-Former's BERT (`Qformer.bert`).
 
     forward(input_ids [B, L] or None, query_embeds [B, Q, H] or None, mask (boolean, broadcastable to
-    [B, 1, Q + L, P + Q + L]) or None, image_embeds [B, N, encoder_width] (needed with queries), past (per-layer
-    cached keys/values of P earlier positions) or None, position_offset (position of the first text token))
-    -> (hidden states [B, Q + L, H], per-layer (keys, values) including `past`).
+    [B, 1, Q + L, P + Q + L]) or None, image_embeds (needed with queries: [B, N, encoder_width], or their
+    `image_keys`), past (per-layer cached keys/values of P earlier positions) or None, position_offset (position of
+    the first text token), keep) -> (hidden states [B, Q + L, H], per-layer (keys, values) including `past`).
+    With `keep` the last layer computes the outputs of the first `keep` positions only (hidden [B, keep, H]): what
+    ITM (the queries) and the text features ([CLS]) read; the others' last-layer outputs are never used.
     """
 
     def __init__(self, config):
@@ -159,14 +169,41 @@ class QformerModel(nn.Module):
         self.encoder.layer = nn.ModuleList(QformerLayer(config, i % config.cross_attention_freq == 0,
                                                         config.text_input) for i in range(config.num_hidden_layers))
 
-    def forward(self, input_ids=None, query_embeds=None, mask=None, image_embeds=None, past=None, position_offset=0):
+    def image_keys(self, image_embeds):
+        """Every layer's cross-attention keys and values of image_embeds [B, N, Dv] (QformerLayer.image_keys): to
+        compute them once for several passes over the same images."""
+        return [layer.image_keys(image_embeds) for layer in self.encoder.layer]
+
+    def forward(self, input_ids=None, query_embeds=None, mask=None, image_embeds=None, past=None, position_offset=0,
+                keep=None):
         x = self.embeddings(input_ids, query_embeds, position_offset)
         num_query = 0 if query_embeds is None else query_embeds.shape[1]
+        keys = self.image_keys(image_embeds) if torch.is_tensor(image_embeds) else image_embeds
         presents = []
+        last = len(self.encoder.layer) - 1
         for i, layer in enumerate(self.encoder.layer):
-            x, present = layer(x, mask, num_query, image_embeds, None if past is None else past[i])
+            x, present = layer(x, mask, num_query, None if keys is None else keys[i],
+                               None if past is None else past[i], keep if i == last else None)
             presents.append(present)
         return x, presents
+
+
+def cat_image_keys(parts):
+    """image_keys outputs of several batches of images concatenated along the batch, layer by layer."""
+    return [None if layer[0] is None else tuple(torch.cat(tensors) for tensors in zip(*layer))
+            for layer in zip(*parts)]
+
+
+def image_batch_size(image_embeds):
+    """B of image_embeds [B, N, Dv] or of their image_keys."""
+    if torch.is_tensor(image_embeds):
+        return image_embeds.shape[0]
+    return next(layer[0].shape[0] for layer in image_embeds if layer is not None)
+
+
+def select_image_keys(keys, index):
+    """image_keys of the images `index` (indices into their batch)."""
+    return [None if layer is None else (layer[0][index], layer[1][index]) for layer in keys]
 
 
 class BertLMPredictionHead(nn.Module):

@@ -97,8 +97,11 @@ def lm_logits(sd, hidden):
     return F.linear(h, sd[p + "decoder.weight"], sd[p + "bias"])
 
 
-def blip2_losses(sd, cfg, vit_tokens, input_ids, attention_mask, image_ids=None, bos_id=30522, pad_id=0):
-    """LAVIS Blip2Qformer.forward for one process: {"loss_itc", "loss_itm", "loss_itg"} and the features."""
+def blip2_losses(sd, cfg, vit_tokens, input_ids, attention_mask, image_ids=None, bos_id=30522, pad_id=0,
+                 distributed=False):
+    """LAVIS Blip2Qformer.forward for one process: {"loss_itc", "loss_itm", "loss_itg"} and the features. With
+    `distributed`, ITC's gradients as LAVIS's under DDP, where concat_all_gather's copies carry none (one process:
+    the gathered tensor is the input itself, and the similarities pass gradients both ways)."""
     image_embeds = F.layer_norm(vit_tokens, (vit_tokens.shape[-1],), sd["ln_vision.weight"], sd["ln_vision.bias"],
                                 cfg["ln_vision_eps"])
     bs = image_embeds.shape[0]
@@ -109,9 +112,11 @@ def blip2_losses(sd, cfg, vit_tokens, input_ids, attention_mask, image_ids=None,
     text_feat = F.normalize(_lin(text_output[:, 0, :], sd, "text_proj"), dim=-1)
 
     temp = sd["temp"]
-    sim_q2t = torch.matmul(image_feats.unsqueeze(1), text_feat.unsqueeze(-1)).squeeze(-1)
+    image_feats_all, text_feat_all = (image_feats.detach(), text_feat.detach()) if distributed else (image_feats,
+                                                                                                     text_feat)
+    sim_q2t = torch.matmul(image_feats.unsqueeze(1), text_feat_all.unsqueeze(-1)).squeeze(-1)
     sim_i2t = sim_q2t.max(-1)[0] / temp
-    sim_t2q = torch.matmul(text_feat.unsqueeze(1).unsqueeze(1), image_feats.permute(0, 2, 1)).squeeze(-2)
+    sim_t2q = torch.matmul(text_feat.unsqueeze(1).unsqueeze(1), image_feats_all.permute(0, 2, 1)).squeeze(-2)
     sim_t2i = sim_t2q.max(-1)[0] / temp
     targets = torch.arange(bs)
     if image_ids is not None:

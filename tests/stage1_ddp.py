@@ -14,6 +14,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from models.blip2_qformer import Blip2Qformer  # noqa: E402
+from train_blip2_stage1 import global_padding  # noqa: E402
 from utils import (all_reduce_sum, cleanup_distributed, get_rank, get_world_size, init_distributed,  # noqa: E402
                    is_main_process, TrainConfig, wrap_ddp)
 
@@ -32,7 +33,7 @@ def global_batch():
     ids = torch.randint(4, 40, (GLOBAL_BATCH, 12), generator=generator)
     ids[:, 0] = 2
     mask = torch.ones_like(ids)
-    for row, length in enumerate([12, 9, 7, 12, 5, 10, 12, 8]):
+    for row, length in enumerate([12, 9, 7, 12, 5, 10, 9, 8]):  # the longest: 12 in rows 0-3, 10 in rows 4-7
         ids[row, length:], mask[row, length:] = 0, 0
     image_ids = torch.tensor([0, 1, 2, 3, 0, 5, 6, 1])  # images 0 and 1 have a caption on each rank
     return images, ids, mask, image_ids
@@ -44,6 +45,8 @@ def main():
     parser.add_argument("--no_image_ids", action="store_true")
     parser.add_argument("--static_graph", action="store_true", help="train.ddp_static_graph")
     parser.add_argument("--no_bucket_view", action="store_true", help="train.ddp_bucket_view false")
+    parser.add_argument("--trim", action="store_true", help="each rank's texts cut to their longest, then padded "
+                        "by train_blip2_stage1.global_padding")
     args = parser.parse_args()
 
     device = init_distributed("cpu")
@@ -53,6 +56,9 @@ def main():
     per_rank = GLOBAL_BATCH // get_world_size()
     rows = slice(get_rank() * per_rank, (get_rank() + 1) * per_rank)
     images, ids, mask, image_ids = (t[rows] for t in global_batch())
+    if args.trim:
+        longest = int(mask.sum(1).max())
+        ids, mask = global_padding(ids[:, :longest], mask[:, :longest], pad_id=0)
     torch.manual_seed(2)
     losses = ddp_model(images, ids, mask, None if args.no_image_ids else image_ids)
     losses["loss"].backward()

@@ -103,8 +103,8 @@ def test_instructions_change_the_soft_prompt_and_blip2_ignores_them(tokenizers):
     with torch.no_grad():
         soft = instruct.soft_prompt(images, INSTRUCTIONS[:2])
         assert not torch.allclose(soft[0], soft[1])
-        soft = plain.soft_prompt(images, INSTRUCTIONS[:2])
-        assert torch.equal(soft[0], soft[1])
+        # Rows of one batch may differ in the last bits (batched kernels): the instructions swapped, each row equal.
+        assert torch.equal(plain.soft_prompt(images, INSTRUCTIONS[:2]), plain.soft_prompt(images, INSTRUCTIONS[1::-1]))
     keys = set(instruct.state_dict())
     assert "Qformer.bert.embeddings.word_embeddings.weight" in keys
     assert "Qformer.bert.encoder.layer.0.intermediate.dense.weight" in keys
@@ -259,8 +259,10 @@ def test_lora_trains_only_the_adapters_and_merges_to_the_same_logits(tokenizers)
     model.train()
     images = torch.randn(3, 3, 32, 32)
     model(images, INSTRUCTIONS, ANSWERS)["loss"].backward()
+    last = f"Qformer.bert.encoder.layer.{len(model.Qformer.bert.encoder.layer) - 1}."
+    dead = (last + "intermediate.", last + "output.")  # the instruction's last-layer FFN: nothing reads it
     for name, p in model.named_parameters():
-        trainable = "lora_" in name or not name.startswith(("llm_model.", "visual_encoder."))
+        trainable = "lora_" in name or not name.startswith(("llm_model.", "visual_encoder.", *dead))
         assert p.requires_grad == trainable and (p.grad is not None) == trainable, name
         assert not trainable or p.dtype == torch.float32, name
     state = model.state_dict()

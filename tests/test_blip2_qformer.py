@@ -1,5 +1,6 @@
 import pytest
 import torch
+import torch.nn.functional as F
 from transformers import Blip2Config, Blip2ForImageTextRetrieval, Blip2QFormerConfig, Blip2VisionConfig
 
 from models.blip2_qformer import (Blip2Qformer, from_hf_retrieval, load_checkpoint, sample_hard_negatives,
@@ -45,7 +46,32 @@ def test_losses_equal_the_original_for_the_same_weights_inputs_and_rng(with_imag
     torch.testing.assert_close(ours["loss"], ours["loss_itc"] + ours["loss_itm"] + ours["loss_itg"])
 
 
-@pytest.mark.parametrize("flag", [[], ["--no_image_ids"], ["--static_graph", "--no_bucket_view"]])
+def test_gradients_equal_the_originals_for_the_same_weights_inputs_and_rng():
+    """Every trainable weight's gradient through the original's computation (the reference recomputes each pass's
+    image keys and values, and every position of every last layer, where we reuse and skip), ITC's as LAVIS's
+    under DDP: one process or many, our gathered features carry no gradient."""
+    model = tiny_stage1_model().eval()
+    images, (ids, mask) = torch.randn(6, 3, 32, 32), text_batch()
+    image_ids = torch.tensor([0, 1, 2, 0, 3, 4])
+    torch.manual_seed(5)
+    model(images, ids, mask, image_ids)["loss"].backward()
+    with torch.no_grad():
+        vit_tokens = model.visual_encoder(images)
+    state = model.state_dict(keep_vars=True)
+    sd = {k: v.detach().clone().requires_grad_(v.requires_grad) for k, v in state.items()}
+    torch.manual_seed(5)
+    theirs = blip2_losses(sd, TINY, vit_tokens, ids, mask, image_ids, bos_id=40, pad_id=0, distributed=True)
+    (theirs["loss_itc"] + theirs["loss_itm"] + theirs["loss_itg"]).backward()
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        # Tied tensors (the LM head's decoder and the word embeddings) are one parameter here, several keys there.
+        aliases = [k for k, v in state.items() if v is param]
+        reference = sum(sd[k].grad for k in aliases if sd[k].grad is not None)
+        torch.testing.assert_close(param.grad, reference, atol=1e-5, rtol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("flag", [[], ["--no_image_ids"], ["--static_graph", "--no_bucket_view"], ["--trim"]])
 def test_two_processes_give_the_losses_and_gradients_of_one(tmp_path, flag):
     run_script("tests/stage1_ddp.py", "--out", tmp_path / "one.pt", *flag)
     run_script(*TORCHRUN, "tests/stage1_ddp.py", "--out", tmp_path / "two.pt", *flag)
@@ -56,6 +82,31 @@ def test_two_processes_give_the_losses_and_gradients_of_one(tmp_path, flag):
     for name, grad in one["grads"].items():
         assert grad is not None and grad.abs().sum() > 0, name
         torch.testing.assert_close(two["grads"][name], grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def padded_to(tensor, length):
+    """tensor [B, L] cut or zero-padded on the right to `length` columns."""
+    return F.pad(tensor[:, :length], (0, max(0, length - tensor.shape[1])))
+
+
+@pytest.mark.parametrize("itg_attention", ["causal", "masked"])
+def test_texts_cut_to_their_longest_give_the_losses_and_gradients_of_max_length_padding(itg_attention):
+    """train_blip2_stage1 pads to the longest caption, LAVIS to max_txt_len: the same function of the texts."""
+    images, ids, mask, image_ids = global_batch()
+    results = []
+    for length in (int(mask.sum(1).max()), 32):
+        model = tiny_stage1_model().eval()
+        model.itg_attention = itg_attention
+        torch.manual_seed(3)
+        losses = model(images, padded_to(ids, length), padded_to(mask, length), image_ids)
+        losses["loss"].backward()
+        results.append((losses, {n: p.grad for n, p in model.named_parameters() if p.grad is not None}))
+    (cut, cut_grads), (full, full_grads) = results
+    for name in full:
+        torch.testing.assert_close(cut[name], full[name], atol=1e-6, rtol=1e-6, msg=name)
+    assert cut_grads.keys() == full_grads.keys()
+    for name, grad in full_grads.items():
+        torch.testing.assert_close(cut_grads[name], grad, atol=1e-6, rtol=1e-5, msg=name)
 
 
 def test_hard_negatives_are_never_positives_and_match_per_row_multinomial():

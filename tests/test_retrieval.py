@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+import eval_retrieval
 from eval_retrieval import candidate_metrics
 from models.tokenizer import init_tokenizer
 from tests.conftest import run_script
@@ -194,8 +195,10 @@ def test_itc_scores_match_pair_by_pair_similarity(setup):
     assert 0 < metrics["r_mean"] < 100
 
 
-@pytest.mark.parametrize("score", ["itm+itc", "itm"])
-def test_reranking_every_pair_matches_pair_by_pair_itm(setup, score):
+@pytest.mark.parametrize("score, keyed_images", [("itm+itc", 32), ("itm", 32), ("itm+itc", 3)])
+def test_reranking_every_pair_matches_pair_by_pair_itm(setup, score, keyed_images, monkeypatch):
+    """Also with the images' keys and values held for 3 images at a time (the 8 images in 3 groups)."""
+    monkeypatch.setattr(eval_retrieval, "KEYED_IMAGES", keyed_images)
     dataset, itc, itm = setup["dataset"], setup["itc"], setup["itm"]
     num_texts = len(dataset.text)
     metrics, scores = evaluate(setup["model"], dataset, setup["tokenizer"], torch.device("cpu"), score,
