@@ -20,8 +20,8 @@ from eval_retrieval import RETRIEVAL_UNUSED, RetrievalEvalConfig, retrieval_eval
 from models.blip2_qformer import Blip2QformerConfig, create_model, init_from_bert, load_checkpoint
 from models.inference import load_for_evaluation
 from models.tokenizer import check_unknown_tokens
-from utils import (InputError, TrainConfig, all_reduce_max, evaluation_weights, fit, log, parse_args, run_main,
-                   start_run, start_training, test_best, write_evaluation)
+from utils import (InputError, TrainConfig, all_reduce_max, evaluation_weights, fit, log_parameters, parse_args,
+                   run_main, start_run, start_training, test_best, write_evaluation)
 
 
 @dataclass
@@ -56,9 +56,7 @@ def main(argv=None):
     with start_run(args, Stage1Config) as run:
         cfg = run.cfg
         model, tokenizer = create_model(cfg.model)
-        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        log(f"Blip2Qformer: {sum(p.numel() for p in model.parameters()) / 1e6:.1f} M parameters, "
-            f"{trainable / 1e6:.1f} M trainable")
+        log_parameters(model, "Blip2Qformer")
         loaders = retrieval_loaders(cfg, run.device)
         evaluate = retrieval_evaluator(tokenizer, run)
         if args.evaluate:

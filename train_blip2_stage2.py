@@ -26,8 +26,8 @@ from eval_vqa import evaluate_vqa, evaluate_vqa_splits, vqa_eval_sets
 from models.blip2_lm import Blip2LMConfig, create_model, load_checkpoint
 from models.inference import load_for_evaluation
 from models.tokenizer import check_unknown_tokens
-from utils import (TrainConfig, evaluation_weights, fit, flat_metrics, log, parse_args, run_main, start_run,
-                   start_training, test_best, write_evaluation)
+from utils import (TrainConfig, evaluation_weights, fit, flat_metrics, log_parameters, parse_args, run_main,
+                   start_run, start_training, test_best, write_evaluation)
 
 
 @dataclass
@@ -49,9 +49,7 @@ def main(argv=None):
     with start_run(args, Stage2Config) as run:
         cfg = run.cfg
         model, tokenizer = create_model(cfg.model)
-        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        log(f"{type(model).__name__} ({cfg.model.arch}, {cfg.model.lm}): "
-            f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f} M parameters, {trainable / 1e6:.1f} M trainable")
+        log_parameters(model, f"{type(model).__name__} ({cfg.model.arch}, {cfg.model.lm})")
         caption_sets, vqa_sets = caption_eval_sets(cfg, run.device), vqa_eval_sets(cfg, run.device)
 
         def evaluate(captions, vqa):  # {split: metrics} of caption and VQA evaluation sets, baselines included

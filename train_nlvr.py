@@ -17,7 +17,7 @@ from data.utils import InputChecks
 from models.blip_nlvr import BlipNLVRConfig, create_model, load_checkpoint
 from models.inference import load_for_evaluation
 from models.tokenizer import check_unknown_tokens
-from utils import (Count, MetricLogger, TrainConfig, UnitRange, all_reduce_sum, evaluation_weights, fit, log,
+from utils import (Count, MetricLogger, TrainConfig, UnitRange, all_reduce_sum, evaluation_weights, fit, log_parameters,
                    parse_args, run_main, start_run, start_training, unwrap, write_evaluation)
 
 
@@ -87,7 +87,7 @@ def main(argv=None):
     with start_run(args, NLVRConfig) as run:
         cfg, device = run.cfg, run.device
         model, tokenizer = create_model(cfg.model)
-        log(f"BlipNLVR: {sum(p.numel() for p in model.parameters()) / 1e6:.1f} M parameters")
+        log_parameters(model, "BlipNLVR")
         datasets = build_datasets(cfg, ("val", "test") if args.evaluate else ("train", "val", "test"))
         loaders = {split: eval_loader(datasets[split], cfg.eval.batch_size, **cfg.data.loader_kwargs(device))
                    for split in ("val", "test")}

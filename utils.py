@@ -207,6 +207,13 @@ def log(*args):
         print(*args, flush=True)
 
 
+def log_parameters(model, name):
+    """One line: the model's parameters and how many of them train, in millions."""
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    log(f"{name}: {total / 1e6:.1f} M parameters, {trainable / 1e6:.1f} M trainable")
+
+
 def cleanup_distributed():
     if dist.is_initialized():
         dist.destroy_process_group()
