@@ -91,8 +91,9 @@ RETRIEVAL_IMAGES = {"tiny": 500, "base": 5000, "real": 5000}
 # The fast path, switch by switch (each step keeps the ones before it); the first entry is the "before". In
 # evaluation the bench applies train.attention too (the evaluation scripts always run with "auto").
 STAIRCASE = {
-    "train": [("baseline: math attention, for-each AdamW (stage 1: explicit ITG mask)",
-               ["train.attention=math", "model.itg_attention=masked", "train.fused_adamw=false", "train.compile=false"]),
+    "train": [("baseline: math attention, default AdamW (stage 1: explicit ITG mask)",
+               ["train.attention=math", "model.itg_attention=masked", "train.fused_adamw=false",
+                "train.compile=false"]),
               ("+ SDPA fused kernels (auto)", ["train.attention=auto"]),
               ("+ ITG bottom-right causal, no mask", ["model.itg_attention=causal"]),
               ("+ fused AdamW", ["train.fused_adamw=true"]),

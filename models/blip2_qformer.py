@@ -395,7 +395,8 @@ def hf_to_lavis(hf, lm="opt"):
 
 _VISION_RENAMES = [("embeddings.class_embedding", "cls_token"), ("embeddings.position_embedding", "pos_embed"),
                    ("embeddings.patch_embedding", "patch_embed.proj"), ("encoder.layers.", "blocks."),
-                   (".layer_norm1.", ".norm1."), (".layer_norm2.", ".norm2."), (".self_attn.projection.", ".attn.proj."),
+                   (".layer_norm1.", ".norm1."), (".layer_norm2.", ".norm2."),
+                   (".self_attn.projection.", ".attn.proj."),
                    (".self_attn.qkv.", ".attn.qkv.")]
 # LAVIS's names of the language model and its projection: `{name}_model.*`, `{name}_proj.*`.
 LM_NAMES = ("opt", "t5", "llm")

@@ -23,7 +23,8 @@ def _attention(x, context, sd, p, heads, additive_mask, past=None):
     def split(t):
         return t.view(t.shape[0], t.shape[1], heads, -1).permute(0, 2, 1, 3)
 
-    q, k, v = split(_lin(x, sd, p + ".query")), split(_lin(context, sd, p + ".key")), split(_lin(context, sd, p + ".value"))
+    q = split(_lin(x, sd, p + ".query"))
+    k, v = split(_lin(context, sd, p + ".key")), split(_lin(context, sd, p + ".value"))
     if past is not None:
         k, v = torch.cat([past[0], k], 2), torch.cat([past[1], v], 2)
     scores = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1]) + additive_mask
@@ -67,7 +68,8 @@ def qformer(sd, cfg, input_ids=None, query_embeds=None, attention_mask=None, ima
     presents = []
     for i in range(cfg["layers"]):
         lp = f"{p}encoder.layer.{i}."
-        ctx, present = _attention(x, x, sd, lp + "attention.self", cfg["heads"], mask, None if past is None else past[i])
+        layer_past = None if past is None else past[i]
+        ctx, present = _attention(x, x, sd, lp + "attention.self", cfg["heads"], mask, layer_past)
         presents.append(present)
         x = _ln(_lin(ctx, sd, lp + "attention.output.dense") + x, sd, lp + "attention.output.LayerNorm")
         if query_length > 0:

@@ -110,9 +110,9 @@ def test_model_section_without_a_known_arch_is_refused(tmp_path, text, message):
 def test_a_config_of_another_script_is_named_before_its_keys_are_read(tmp_path):
     """A stage-1 config given to train_nlvr.py: its arch, not its first unknown key (data.train), is the message."""
     text = "model:\n  arch: blip2_qformer\n  embed_dim: 64\ndata:\n  train: []\n  eval_max_words: 30\n"
-    with pytest.raises(InputError, match=re.escape("is a config of model.arch blip2_qformer, which train_blip2_stage1.py,"
-                                                   " eval_retrieval.py or eval_caption.py reads; this script reads "
-                                                   "model.arch blip_nlvr")):
+    message = ("is a config of model.arch blip2_qformer, which train_blip2_stage1.py, eval_retrieval.py or "
+               "eval_caption.py reads; this script reads model.arch blip_nlvr")
+    with pytest.raises(InputError, match=re.escape(message)):
         load_config(write(tmp_path, text), NLVRConfig)
 
 

@@ -69,7 +69,8 @@ def test_train_swaps_images_and_words_eval_never(tmp_path):
 
 
 @pytest.mark.parametrize("entry, message", [
-    ({"images": ["0.png", "1.png"], "sentence": "s", "label": "yes"}, 'ann.json[1]: \'label\' must be "True" or "False"'),
+    ({"images": ["0.png", "1.png"], "sentence": "s", "label": "yes"},
+     'ann.json[1]: \'label\' must be "True" or "False"'),
     ({"images": ["0.png", "1.png"], "sentence": "s", "label": 1}, "ann.json[1]: 'label' must be"),
     ({"images": ["0.png", "1.png"], "label": "True"}, "ann.json[1]: missing field 'sentence'"),
     ({"images": ["0.png"], "sentence": "s", "label": "True"}, "ann.json[1]: 'images' must be a list of two"),

@@ -187,7 +187,8 @@ def test_itc_scores_match_pair_by_pair_similarity(setup):
     # Only the 10 best of each row are kept (R@10 needs no more), with their pair-by-pair similarity.
     for name, sim in (("i2t", itc), ("t2i", itc.t())):
         chosen = torch.isfinite(scores[name])
-        assert torch.equal(chosen, torch.zeros_like(chosen).scatter_(1, sim.topk(min(10, sim.shape[1]), dim=1).indices, True)), name
+        top = sim.topk(min(10, sim.shape[1]), dim=1).indices
+        assert torch.equal(chosen, torch.zeros_like(chosen).scatter_(1, top, True)), name
         torch.testing.assert_close(scores[name][chosen].double(), sim[chosen], atol=1e-5, rtol=0)
     expected = brute_metrics(itc.numpy(), itc.t().numpy(), dataset.img2txt, dataset.txt2img)
     assert_metrics_equal(metrics, expected)
