@@ -324,8 +324,8 @@ class TrainConfig:
     dist_timeout_s: Count = 1800              # how long collectives wait for a rank that hangs
     tensorboard: bool = False                 # also write the step records to output_dir/tensorboard/
     # The fast path (BENCHMARKS.md measures each switch).
-    # AdamW's fused kernel, faster on CPU and CUDA; false: the for-each kernel of the original code (the same update
-    # rounded otherwise, ~1e-7 per step: for bit-identical replays of BLIP/LAVIS runs)
+    # AdamW's fused kernel, faster on CPU and CUDA; false: torch's default AdamW as the original code builds it
+    # (for-each on CUDA, per tensor on CPU; the same update rounded otherwise: bit-identical replays of BLIP/LAVIS)
     fused_adamw: bool = True
     attention: typing.Literal["auto", "flash", "efficient", "cudnn", "math"] = "auto"  # SDPA kernels in training
     compile: bool = False                     # torch.compile the training forward (evaluation runs eagerly)
