@@ -32,6 +32,12 @@ def tokenizers(tmp_path_factory):
             "bert": bert_tokenizer(tmp_path_factory.mktemp("bert"))}
 
 
+def qformer_inputs(tokenizers):
+    """InstructBLIP's instruction for transformers' models: the Q-Former's tokens of INSTRUCTIONS."""
+    tokens = tokenizers["bert"](INSTRUCTIONS, padding="longest", return_tensors="pt")
+    return dict(qformer_input_ids=tokens.input_ids, qformer_attention_mask=tokens.attention_mask)
+
+
 def pair(tokenizers, kind, instruct, **kwargs):
     """transformers' model (tests/reference_lm.py) and ours with its weights, loaded through the layout converters."""
     tokenizer, qformer_tokenizer = tokenizers[kind], tokenizers["bert"] if instruct else None
@@ -56,10 +62,7 @@ def test_parity_with_transformers(tokenizers, kind, instruct):
     hf, ours = pair(tokenizers, kind, instruct)
     tokenizer, images, num_query = ours.lm_tokenizer, torch.randn(3, 3, 32, 32), 4
     image_token = hf.config.image_token_index
-    qformer = {}
-    if instruct:
-        tokens = tokenizers["bert"](INSTRUCTIONS, padding="longest", return_tensors="pt")
-        qformer = dict(qformer_input_ids=tokens.input_ids, qformer_attention_mask=tokens.attention_mask)
+    qformer = qformer_inputs(tokenizers) if instruct else {}
     with torch.no_grad():
         if kind == "t5":
             encoder = tokenizer(INSTRUCTIONS, padding="longest", return_tensors="pt")
@@ -176,10 +179,7 @@ def test_export_loads_in_transformers_with_our_logits(tokenizers, tmp_path, kind
     model_class = InstructBlipForConditionalGeneration if instruct else Blip2ForConditionalGeneration
     exported = model_class.from_pretrained(tmp_path / "export").eval()
     images = torch.randn(3, 3, 32, 32)
-    qformer = {}
-    if instruct:
-        tokens = tokenizers["bert"](INSTRUCTIONS, padding="longest", return_tensors="pt")
-        qformer = dict(qformer_input_ids=tokens.input_ids, qformer_attention_mask=tokens.attention_mask)
+    qformer = qformer_inputs(tokenizers) if instruct else {}
     with torch.no_grad():
         if kind == "t5":
             encoder = ours.lm_tokenizer(INSTRUCTIONS, padding="longest", return_tensors="pt")
