@@ -1,4 +1,5 @@
 import argparse
+import contextlib
 import json
 import os
 import subprocess
@@ -8,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import utils
 from data.synthetic import generate
 from data.utils import read_annotation
 from models.blip2_qformer import Blip2Qformer
@@ -95,6 +97,25 @@ eval:
   batch_size: 4
 """)
     return path
+
+
+@contextlib.contextmanager
+def killed_after_step(step):
+    """The run inside dies in the optimiser step after step `step`, before that step changes anything, as under
+    kill -9: KeyboardInterrupt, which the loop's handlers let through, so only what was written before remains."""
+    real_step = utils.optimizer_step
+
+    def dies(state, lr, norm=False):
+        if state.step == step:
+            raise KeyboardInterrupt
+        return real_step(state, lr, norm)
+
+    utils.optimizer_step = dies
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            yield
+    finally:
+        utils.optimizer_step = real_step
 
 
 def read_log(out):

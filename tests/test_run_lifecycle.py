@@ -14,7 +14,7 @@ import torch.distributed as dist
 
 import train_nlvr
 import utils
-from tests.conftest import nlvr_config, read_log, run_script
+from tests.conftest import killed_after_step, nlvr_config, read_log, run_script
 from utils import InputError, Preempted, RunError, TrainConfig, check_resumed_config, lr_at_step
 
 TORCHRUN = ("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2")
@@ -68,22 +68,13 @@ def test_a_stop_signal_mid_epoch_checkpoints_that_step_and_resume_auto_continues
 
 
 @pytest.mark.parametrize("workers", [0, 2])
-def test_a_mid_epoch_checkpoint_of_save_every_steps_resumes_exactly(unbroken, tmp_path, monkeypatch, workers):
+def test_a_mid_epoch_checkpoint_of_save_every_steps_resumes_exactly(unbroken, tmp_path, workers):
     """Also from loader workers: their augmentation is seeded per example, not by the worker's history."""
     config, whole, _ = unbroken
     out, options = tmp_path / "out", ["train.epochs=2", "train.save_every_steps=3", f"data.num_workers={workers}"]
-    real_step = utils.optimizer_step
-
-    def dies_after_step_7(state, lr, norm=False):
-        if state.step == 7:
-            raise KeyboardInterrupt  # as kill -9: no handler runs, the checkpoint of step 6 is the last
-        return real_step(state, lr, norm)
-
-    monkeypatch.setattr(utils, "optimizer_step", dies_after_step_7)
-    with pytest.raises(KeyboardInterrupt):
+    with killed_after_step(7):  # the checkpoint of step 6 is the last
         train(config, out, options=options)
     assert torch.load(out / "checkpoint_last.pth", weights_only=True)["position"] == {"epoch": 1, "batch": 2}
-    monkeypatch.undo()
     train(config, out, "--resume", options=options)
     assert read_log(out) == whole
 
@@ -173,19 +164,10 @@ def test_a_lock_of_an_earlier_attempt_of_the_same_slurm_job_is_taken_over(tmp_pa
 
 # ------------------------------------------------------------------------------------------------ resume rules
 
-def test_a_changed_lr_is_refused_and_when_allowed_the_new_schedule_is_followed(demo_data, tmp_path, monkeypatch):
+def test_a_changed_lr_is_refused_and_when_allowed_the_new_schedule_is_followed(demo_data, tmp_path):
     config, out = nlvr_config(tmp_path, demo_data), tmp_path / "out"
-    real_step = utils.optimizer_step
-
-    def dies_in_epoch_1(state, lr, norm=False):
-        if state.step == STEPS_PER_EPOCH + 1:
-            raise KeyboardInterrupt
-        return real_step(state, lr, norm)
-
-    monkeypatch.setattr(utils, "optimizer_step", dies_in_epoch_1)
-    with pytest.raises(KeyboardInterrupt):
+    with killed_after_step(STEPS_PER_EPOCH + 1):  # in epoch 1
         train(config, out, options=["train.epochs=2"])
-    monkeypatch.undo()
     with pytest.raises(InputError, match=r"train.lr: 0.001 -> 0.0001.*add --allow_changes train.lr"):
         train(config, out, "--resume", options=["train.epochs=2", "train.lr=1e-4"])
     assert "lr: 0.001" in (out / "config.yaml").read_text()  # the refused run left the run's config as it was

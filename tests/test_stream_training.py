@@ -9,7 +9,7 @@ import pytest
 import webdataset as wds
 
 import data.feature_cache
-import utils
+from tests.conftest import killed_after_step
 from tests.test_train_blip2_stage1 import stage1_config, train
 from utils import InputError
 
@@ -41,19 +41,8 @@ def stopped_run(demo_data, tmp_path_factory):
     """A 6-step stream run that dies in step 5 (checkpoint_last.pth holds step 4), copied before any resume."""
     directory = tmp_path_factory.mktemp("stream")
     config, out = shard_config(directory, demo_data), directory / "out"
-    real_step = utils.optimizer_step
-
-    def dies_in_step_5(state, lr, norm=False):
-        if state.step == 4:
-            raise KeyboardInterrupt
-        return real_step(state, lr, norm)
-
-    utils.optimizer_step = dies_in_step_5
-    try:
-        with pytest.raises(KeyboardInterrupt):
-            train(config, out, *STREAM)
-    finally:
-        utils.optimizer_step = real_step
+    with killed_after_step(4):
+        train(config, out, *STREAM)
     return config, out
 
 

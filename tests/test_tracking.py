@@ -9,8 +9,7 @@ from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import train_nlvr
-import utils
-from tests.conftest import nlvr_config, read_log, run_script
+from tests.conftest import killed_after_step, nlvr_config, read_log, run_script
 from utils import TrainConfig, lr_at_step
 
 OPTIONS = ["train.epochs=2", "train.print_freq=1", "train.save_every_steps=3", "train.tensorboard=true"]
@@ -36,22 +35,10 @@ def watched_run(demo_data, tmp_path_factory):
     """A 2-epoch (8-step) tiny NLVR run recording every step, killed in step 8 and resumed from step 6."""
     directory = tmp_path_factory.mktemp("watched")
     config, out = nlvr_config(directory, demo_data), directory / "out"
-    real_step = utils.optimizer_step
-
-    def dies_in_step_8(state, lr, norm=False):
-        if state.step == 7 and not hasattr(dies_in_step_8, "done"):
-            dies_in_step_8.done = True
-            raise KeyboardInterrupt  # the last checkpoint is step 6's, the records of steps 1-7 are written
-        return real_step(state, lr, norm)
-
-    utils.optimizer_step = dies_in_step_8
-    try:
-        with pytest.raises(KeyboardInterrupt):
-            train(config, out)
-        assert [r["step"] for r in records(out)] == [1, 2, 3, 4, 5, 6, 7]
-        train(config, out, "--resume", "auto")
-    finally:
-        utils.optimizer_step = real_step
+    with killed_after_step(7):  # the last checkpoint is step 6's, the records of steps 1-7 are written
+        train(config, out)
+    assert [r["step"] for r in records(out)] == [1, 2, 3, 4, 5, 6, 7]
+    train(config, out, "--resume", "auto")
     return out
 
 
