@@ -69,6 +69,16 @@ def stage1_checkpoint(tmp_path_factory):
     return path
 
 
+# The `train:` section of the tiny BLIP-2 test configs: two epochs of batches of 8.
+TINY_TRAIN = """train:
+  epochs: 2
+  batch_size: 8
+  lr: 1e-3
+  warmup_steps: 2
+  print_freq: 100
+"""
+
+
 def nlvr_config(directory, data_dir):
     """A tiny NLVR config over `data_dir`, written to directory/nlvr.yaml."""
     path = Path(directory) / "nlvr.yaml"

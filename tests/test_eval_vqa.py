@@ -11,9 +11,10 @@ import torch
 
 import eval_vqa
 from data.vqa import VQASplitConfig, read_vqa_split
-from tests.conftest import read_log, run_script
+from tests.conftest import TINY_TRAIN, read_log, run_script
 from tests.reference_vqa_eval import official_accuracy
 from tests.test_distributed import TORCHRUN
+from tests.test_train_blip2_stage2 import tiny_stage2_model
 from tests.test_train_blip2_stage2 import train as train_stage2
 
 
@@ -29,18 +30,7 @@ def vqa_config(directory, data_dir, opt_dir):
     """A tiny stage-2 config fine-tuning on the demo VQA train split, validated on its val split."""
     path = Path(directory) / "vqa.yaml"
     path.write_text(f"""
-model:
-  arch: blip2_opt
-  vision: eva_tiny
-  image_size: 32
-  patch_size: 16
-  vit_precision: fp32
-  qformer: tiny
-  num_query_tokens: 4
-  lm: {opt_dir}
-  lm_precision: fp32
-  max_txt_len: 48
-data:
+{tiny_stage2_model(opt_dir)}data:
   train:
     - {vqa_split(data_dir, "train", 6)}
   vqa_val:
@@ -48,13 +38,7 @@ data:
   vqa_test:
     {vqa_split(data_dir, "test", 4, annotations=False)}
   num_workers: 0
-train:
-  epochs: 2
-  batch_size: 8
-  lr: 1e-3
-  warmup_steps: 2
-  print_freq: 100
-vqa:
+{TINY_TRAIN}vqa:
   batch_size: 8
   num_beams: 2
   max_new_tokens: 4

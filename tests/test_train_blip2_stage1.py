@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import train_blip2_stage1
-from tests.conftest import read_log, run_script
+from tests.conftest import TINY_TRAIN, read_log, run_script
 from utils import InputError
 
 
@@ -35,13 +35,7 @@ data:
   image_root: {data_dir}
   hflip: false
   num_workers: 0
-train:
-  epochs: 2
-  batch_size: 8
-  lr: 1e-3
-  warmup_steps: 2
-  print_freq: 100
-eval:
+{TINY_TRAIN}eval:
   batch_size: 4
   k_test: 5
   max_txt_len: 32

@@ -9,15 +9,14 @@ from transformers import Blip2ForConditionalGeneration
 import eval_caption
 import train_blip2_stage2
 from models.blip2_lm import create_model, load_checkpoint, merge_lora
-from tests.conftest import read_log, run_script
+from tests.conftest import TINY_TRAIN, read_log, run_script
 from utils import InputError, load_config
 
 
-def stage2_config(directory, data_dir, opt_dir, pretrained=None):
-    """A tiny stage-2 config over the synthetic caption splits, written to directory/stage2[_from_stage1].yaml."""
-    path = Path(directory) / ("stage2_from_stage1.yaml" if pretrained else "stage2.yaml")
-    path.write_text(f"""
-model:
+def tiny_stage2_model(opt_dir, pretrained=None):
+    """The `model:` section of the tiny stage-2 test configs: the demo's tiny ViT and a tiny Q-Former before the OPT
+    of `opt_dir`."""
+    return f"""model:
   arch: blip2_opt
   vision: eva_tiny
   image_size: 32
@@ -29,7 +28,14 @@ model:
   lm_precision: fp32
   max_txt_len: 48
   pretrained: {pretrained or 'null'}
-data:
+"""
+
+
+def stage2_config(directory, data_dir, opt_dir, pretrained=None):
+    """A tiny stage-2 config over the synthetic caption splits, written to directory/stage2[_from_stage1].yaml."""
+    path = Path(directory) / ("stage2_from_stage1.yaml" if pretrained else "stage2.yaml")
+    path.write_text(f"""
+{tiny_stage2_model(opt_dir, pretrained)}data:
   train:
     - ann_file: {data_dir}/coco_karpathy_train.json
       image_root: {data_dir}
@@ -39,13 +45,7 @@ data:
   image_root: {data_dir}
   hflip: false
   num_workers: 0
-train:
-  epochs: 2
-  batch_size: 8
-  lr: 1e-3
-  warmup_steps: 2
-  print_freq: 100
-eval:
+{TINY_TRAIN}eval:
   batch_size: 4
   num_beams: 2
   max_new_tokens: 8
